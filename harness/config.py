@@ -1,0 +1,257 @@
+"""Typed experiment config: YAML recipe + dotted `key=value` overrides, validated once.
+
+    cfg = load_config("configs/bert_base_imdb.yaml", ["train.max_steps=20", "data.max_length=128"])
+
+A recipe says *what* to train (model, data, hyperparameters). Hardware and parallelism
+(number of processes, precision, DeepSpeed) live in the `accelerate launch` config only.
+Every problem (unknown key, wrong type, impossible value) raises `BadInput` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from harness.errors import BadInput
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "bert-base-uncased"
+    """Hub id, local folder, or `package:NAME` for a model shipped in an installed Python package."""
+    num_labels: int = 2
+    label_names: Optional[list[str]] = None
+    """Names written to the saved model's id2label (default LABEL_0, LABEL_1, ...)."""
+    attn_implementation: str = "sdpa"
+    """`sdpa` or `eager`; falls back to eager for models without SDPA support."""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "stanfordnlp/imdb"
+    """Hub id, local folder (train.* / test.* files or the aclImdb layout), local file, or `synthetic`."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = 512
+    train_samples: Optional[int] = None
+    """Stratified, seeded subset of the training split (None: all of it)."""
+    eval_samples: Optional[int] = None
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding); the order stays seeded."""
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    epochs: int = 3
+    max_steps: Optional[int] = None
+    """Optimizer steps; overrides epochs when set."""
+    per_device_batch_size: int = 8
+    eval_batch_size: Optional[int] = None
+    """Per-device eval batch (default: 2 x per_device_batch_size)."""
+    grad_accum_steps: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: float = 0
+    """Optimizer steps of linear warmup; a value in (0, 1) is a fraction of the run."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    seed: int = 42
+    eval_every: Union[int, str] = "epoch"
+    """`epoch`, or every N optimizer steps."""
+    log_every: int = 10
+    overwrite: bool = False
+    """Allow training into an output_dir that holds a finished run of another config."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (or start from defaults when path is None) and apply `key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise BadInput(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1})" if where is not None else ""
+            raise BadInput(f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise BadInput(f"config file {path} must be a mapping of sections (model, data, train)")
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> Config:
+    for section in raw:
+        if section not in _SECTION_CLASSES:
+            raise BadInput(f"unknown config section '{section}' (expected one of: {', '.join(_SECTION_CLASSES)})")
+    built = {}
+    for section, cls in _SECTION_CLASSES.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise BadInput(f"config section '{section}' must be a mapping, got {type(values).__name__}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                raise BadInput(f"unknown config key '{section}.{key}' (known keys: {', '.join(sorted(known))})")
+            kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        built[section] = cls(**kwargs)
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise BadInput(f"override '{item}' must look like section.key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1 or not all(key.split(".")):
+        raise BadInput(f"override key '{key}' must be section.key (e.g. train.lr=3e-5)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # a plain string that YAML cannot parse, e.g. a path with ': '
+    return key, value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    section, name = key.split(".")
+    if section not in _SECTION_CLASSES:
+        raise BadInput(f"unknown config section '{section}' in override '{key}'")
+    if not isinstance(raw.get(section) or {}, dict):
+        raise BadInput(f"config section '{section}' must be a mapping")
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][name] = value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except BadInput:
+                errors.append(_type_name(arg))
+        raise BadInput(f"config key {key}: expected {' or '.join(errors)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise BadInput(f"config key {key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise BadInput(f"config key {key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise BadInput(f"config key {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "2e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise BadInput(f"config key {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str) and value:
+            return value
+        raise BadInput(f"config key {key}: expected a non-empty string, got {value!r}")
+    raise AssertionError(f"unsupported config type {tp} for {key}")
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values, each named. Checks that need the data or world size live where those are known."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise BadInput(msg)
+
+    need(m.num_labels >= 2, f"model.num_labels must be at least 2, got {m.num_labels}")
+    need(
+        m.label_names is None or len(m.label_names) == m.num_labels,
+        f"model.label_names has {len(m.label_names or [])} names but model.num_labels is {m.num_labels}",
+    )
+    need(m.attn_implementation in ("sdpa", "eager"), f"model.attn_implementation must be sdpa or eager, got {m.attn_implementation!r}")
+    need(d.max_length >= 8, f"data.max_length must be at least 8, got {d.max_length}")
+    for name in ("train_samples", "eval_samples"):
+        v = getattr(d, name)
+        need(v is None or v > 0, f"data.{name} must be positive, got {v}")
+    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
+    need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")
+    need(t.per_device_batch_size >= 1, f"train.per_device_batch_size must be at least 1, got {t.per_device_batch_size}")
+    need(t.eval_batch_size is None or t.eval_batch_size >= 1, f"train.eval_batch_size must be at least 1, got {t.eval_batch_size}")
+    need(t.grad_accum_steps >= 1, f"train.grad_accum_steps must be at least 1, got {t.grad_accum_steps}")
+    need(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    need(
+        t.warmup_steps < 1 or float(t.warmup_steps).is_integer(),
+        f"train.warmup_steps must be a whole number of steps or a fraction below 1, got {t.warmup_steps}",
+    )
+    need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    need(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
+    need(
+        t.eval_every == "epoch" or (isinstance(t.eval_every, int) and t.eval_every >= 1),
+        f"train.eval_every must be 'epoch' or a positive number of steps, got {t.eval_every!r}",
+    )
+
+
+def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:
+    """Warmup in optimizer steps; refuses a warmup longer than the run."""
+    w = cfg.warmup_steps
+    steps = int(round(w * total_steps)) if 0 < w < 1 else int(w)
+    if steps > total_steps:
+        raise BadInput(f"train.warmup_steps={steps} is longer than the run ({total_steps} optimizer steps)")
+    return steps

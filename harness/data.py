@@ -1,0 +1,288 @@
+"""Data: sources, validation, seeded stratified subsets, tokenization, and the training batch order.
+
+Sources (`data.dataset`):
+- a hub id (default `stanfordnlp/imdb`); only the named splits are loaded, never IMDb's `unsupervised` (label -1);
+- a local folder holding `<split>.parquet|csv|jsonl|json`, or the original `aclImdb/` layout
+  (`<split>/pos/*.txt`, `<split>/neg/*.txt`); a local file is the train split and its siblings the others;
+- `synthetic`: seeded sentiment sentences, for offline smoke runs.
+
+Training order (`StepBatchSampler`): one global permutation per epoch that depends only on the seed and
+the epoch, never on the world size; examples are consumed in optimizer steps of
+`per_device_batch x grad_accum x world_size`, so a position in the epoch is a number of samples and a run
+can resume on another number of processes without skipping or repeating an example.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from datasets import Dataset, load_dataset
+
+from harness.config import DataConfig
+from harness.errors import BadInput
+
+FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_split(cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int) -> Dataset:
+    """Load one split with its text and label columns validated (labels as ints in [0, num_labels))."""
+    if cfg.dataset == "synthetic":
+        ds = synthetic_split(split)
+    else:
+        ds = _load_source(cfg.dataset, split)
+    return validate_columns(ds, cfg, split, label_names, num_labels)
+
+
+def _load_source(source: str, split: str) -> Dataset:
+    if split == "unsupervised":
+        raise BadInput("the 'unsupervised' split has no labels (label -1); choose a labelled split")
+    path = Path(source)
+    split_path = Path(split)
+    if split_path.suffix in FILE_BUILDERS and split_path.is_file():
+        return _load_file(split_path)
+    if path.is_dir():
+        for ext in FILE_BUILDERS:
+            f = path / f"{split}{ext}"
+            if f.is_file():
+                return _load_file(f)
+        if (path / split / "pos").is_dir() or (path / split / "neg").is_dir():
+            return load_aclimdb(path / split)
+        raise BadInput(f"data.dataset folder {path} has no '{split}' split (expected {split}.parquet/.csv/.jsonl or {split}/pos and {split}/neg)")
+    if path.is_file():
+        if path.suffix not in FILE_BUILDERS:
+            raise BadInput(f"data.dataset file {path} must be .parquet, .csv, .jsonl or .json")
+        if path.stem == split or split == "train":
+            return _load_file(path)
+        for ext in FILE_BUILDERS:
+            f = path.parent / f"{split}{ext}"
+            if f.is_file():
+                return _load_file(f)
+        raise BadInput(f"no '{split}' split beside data.dataset file {path} (expected {path.parent}/{split}.parquet or similar)")
+    if source.startswith((".", "/", "~")) or source.endswith(tuple(FILE_BUILDERS)):
+        raise BadInput(f"data.dataset path not found: {source}")
+    try:
+        return load_dataset(source, split=split)
+    except Exception as e:  # hub errors come in many types; all mean "cannot use this dataset"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"cannot load dataset '{source}' split '{split}': {first}") from None
+
+
+def _load_file(path: Path) -> Dataset:
+    try:
+        return load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"cannot read data file {path}: {first}") from None
+
+
+def load_aclimdb(split_dir: Path) -> Dataset:
+    """The original aclImdb layout: <split>/pos/*.txt (label 1) and <split>/neg/*.txt (label 0); unsup/ ignored."""
+    texts, labels = [], []
+    for name, label in (("neg", 0), ("pos", 1)):
+        for f in sorted((split_dir / name).glob("*.txt")):
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            labels.append(label)
+    return Dataset.from_dict({"text": texts, "label": labels})
+
+
+_POS = ["wonderful", "brilliant", "moving", "delightful", "superb", "charming", "gripping", "excellent", "beautiful", "funny"]
+_NEG = ["boring", "awful", "dull", "terrible", "clumsy", "tedious", "dreadful", "lifeless", "painful", "weak"]
+_NOUNS = ["movie", "film", "plot", "acting", "script", "ending", "cast", "soundtrack", "story", "direction"]
+_FILLER = ["honestly", "overall", "in the end", "from start to finish", "for the most part", "to my surprise", "as expected"]
+_TEMPLATES = [
+    "the {n} was {a}.",
+    "{f}, the {n} felt {a} and the {n2} was {a2}.",
+    "i thought the {n} was {a}, {f}.",
+    "what a {a} {n}; the {n2} was {a2} too.",
+    "{f} this is a {a} {n} with a {a2} {n2}.",
+]
+
+
+def synthetic_split(split: str, size: Optional[int] = None) -> Dataset:
+    """Balanced, seeded sentiment sentences: the label is the polarity of the adjectives.
+
+    The train and test splits come from different seeds, so they share vocabulary but not sentences.
+    """
+    size = size or (4000 if split == "train" else 1000)
+    rng = random.Random(f"harness-synthetic-{split}")
+    texts, labels = [], []
+    for i in range(size):
+        label = i % 2
+        adjs = _POS if label else _NEG
+        text = rng.choice(_TEMPLATES).format(
+            n=rng.choice(_NOUNS), n2=rng.choice(_NOUNS), a=rng.choice(adjs), a2=rng.choice(adjs), f=rng.choice(_FILLER)
+        )
+        texts.append(text)
+        labels.append(label)
+    order = list(range(size))
+    rng.shuffle(order)
+    return Dataset.from_dict({"text": [texts[i] for i in order], "label": [labels[i] for i in order]})
+
+
+def validate_columns(ds: Dataset, cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int) -> Dataset:
+    """Check the columns and labels; returns a dataset whose label column holds ints."""
+    for key, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
+        if col not in ds.column_names:
+            raise BadInput(f"{key}: column '{col}' not in split '{split}' (columns: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise BadInput(f"split '{split}' of {cfg.dataset} is empty")
+    labels = ds[cfg.label_column]
+    if any(isinstance(v, str) for v in labels):
+        if not label_names:
+            raise BadInput(f"data.label_column '{cfg.label_column}' holds strings; set model.label_names to map them to ids")
+        ids = {name: i for i, name in enumerate(label_names)}
+        for row, v in enumerate(labels):
+            if v not in ids:
+                raise BadInput(f"split '{split}' row {row}: label {v!r} is not one of model.label_names {label_names}")
+        col = cfg.label_column
+        ds = ds.map(lambda b: {col: [ids[v] for v in b[col]]}, batched=True, desc="label names to ids")
+        labels = ds[col]
+    for row, v in enumerate(labels):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < num_labels:
+            raise BadInput(f"split '{split}' row {row}: label {v!r} is outside [0, {num_labels}) (model.num_labels={num_labels})")
+    for row, t in enumerate(ds[cfg.text_column]):
+        if not isinstance(t, str):
+            raise BadInput(f"split '{split}' row {row}: text column '{cfg.text_column}' holds {type(t).__name__}, expected a string")
+    return ds
+
+
+def stratified_indices(labels: list[int], n: int, seed: int) -> list[int]:
+    """A seeded subset of n indices keeping each class's share (largest remainder), sorted.
+
+    IMDb's hub splits are sorted by label, so the first n rows would be a single class.
+    """
+    labels_arr = np.asarray(labels)
+    if n >= len(labels_arr):
+        return list(range(len(labels_arr)))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels_arr, return_counts=True)
+    exact = counts * n / len(labels_arr)
+    take = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - take), kind="stable")[: n - take.sum()]:
+        take[i] += 1
+    chosen = []
+    for cls, k in zip(classes, take):
+        idx = np.flatnonzero(labels_arr == cls)
+        chosen.extend(rng.choice(idx, size=k, replace=False).tolist())
+    return sorted(chosen)
+
+
+def subset(ds: Dataset, n: Optional[int], label_column: str, seed: int) -> Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    return ds.select(stratified_indices(ds[label_column], n, seed))
+
+
+def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
+    """input_ids / attention_mask / labels / length; no padding here (the collator pads per batch)."""
+    text_col, label_col, max_length = cfg.text_column, cfg.label_column, cfg.max_length
+
+    def encode(batch):
+        enc = tokenizer(batch[text_col], truncation=True, max_length=max_length, return_token_type_ids=False)
+        enc["labels"] = batch[label_col]
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+
+
+def build_split(cfg: DataConfig, split: str, tokenizer, n: Optional[int], seed: int, label_names, num_labels: int) -> Dataset:
+    ds = load_split(cfg, split, label_names, num_labels)
+    ds = subset(ds, n, cfg.label_column, seed)
+    return tokenize(ds, tokenizer, cfg)
+
+
+class Collator:
+    """Pads each batch to its own longest example, rounded up to a multiple of 8 (tensor-core friendly)."""
+
+    def __init__(self, pad_token_id: int, multiple: int = 8):
+        self.pad_token_id = pad_token_id
+        self.multiple = multiple
+
+    def __call__(self, examples: list[dict]) -> dict:
+        longest = max(len(e["input_ids"]) for e in examples)
+        width = int(math.ceil(longest / self.multiple) * self.multiple)
+        ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.as_tensor(e["input_ids"])
+            mask[i, :n] = 1
+        labels = torch.as_tensor([e["labels"] for e in examples], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------- training order
+
+
+def epoch_order(lengths: np.ndarray, seed: int, epoch: int, group_size: Optional[int]) -> np.ndarray:
+    """The global order of one epoch: a seeded permutation, sorted by length (longest first) inside
+    consecutive groups of `group_size` so that neighbouring examples, hence batches, pad little."""
+    perm = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    if not group_size:
+        return perm
+    groups = [perm[i : i + group_size] for i in range(0, len(perm), group_size)]
+    return np.concatenate([g[np.argsort(-lengths[g], kind="stable")] for g in groups])
+
+
+def steps_in_epoch(num_examples: int, global_batch: int, position: int = 0) -> int:
+    return math.ceil(max(num_examples - position, 0) / global_batch)
+
+
+class StepBatchSampler:
+    """This rank's micro-batches, `grad_accum` per optimizer step, for one epoch at a time.
+
+    Step s of an epoch consumes the next `global_batch = batch_size * grad_accum * world_size` examples of
+    `epoch_order`; they are cut into grad_accum x world_size contiguous micro-batches, and micro-batch
+    (a, r) goes to rank r as its a-th. The last step of an epoch is split evenly the same way, so every
+    step has exactly grad_accum micro-batches on every rank (Accelerate's and DeepSpeed's accumulation
+    boundaries cannot drift apart). Only when that last step has fewer examples than micro-batches does
+    a micro-batch repeat the epoch's first example.
+    """
+
+    def __init__(self, lengths, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int, group_by_length: bool = True):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.group_size = 64 * batch_size if group_by_length else None
+        self.epoch = 0
+        self.position = 0  # samples of this epoch already consumed, by all ranks together
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def set_epoch(self, epoch: int, position: int = 0) -> None:
+        self.epoch, self.position = epoch, position
+
+    def steps(self) -> int:
+        return steps_in_epoch(len(self.lengths), self.global_batch, self.position)
+
+    def __len__(self) -> int:
+        return self.steps() * self.grad_accum
+
+    def step_batches(self, order: np.ndarray, start: int) -> list[list[int]]:
+        """The grad_accum micro-batches of this rank for the step that starts at `start`."""
+        chunk = order[start : start + self.global_batch]
+        parts = self.grad_accum * self.world_size
+        sizes = [len(chunk) // parts + (1 if i < len(chunk) % parts else 0) for i in range(parts)]
+        bounds = np.cumsum([0] + sizes)
+        mine = []
+        for a in range(self.grad_accum):
+            i = a * self.world_size + self.rank
+            part = chunk[bounds[i] : bounds[i + 1]].tolist()
+            mine.append(part or [int(order[0])])
+        return mine
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_order(self.lengths, self.seed, self.epoch, self.group_size)
+        for start in range(self.position, len(order), self.global_batch):
+            yield from self.step_batches(order, start)

