@@ -103,11 +103,13 @@ _TEMPLATES = [
     "i thought the {n} was {a}, {f}.",
     "what a {a} {n}; the {n2} was {a2} too.",
     "{f} this is a {a} {n} with a {a2} {n2}.",
+    "the {n} was not {o}, {f}.",  # negated opposite: the label needs more than one word
+    "{f}, i would not call the {n} {o}; it was {a2}.",
 ]
 
 
 def synthetic_split(split: str, size: Optional[int] = None) -> Dataset:
-    """Balanced, seeded sentiment sentences: the label is the polarity of the adjectives.
+    """Balanced, seeded sentiment sentences: the label is the polarity of the adjectives, flipped by "not".
 
     The train and test splits come from different seeds, so they share vocabulary but not sentences.
     """
@@ -116,9 +118,10 @@ def synthetic_split(split: str, size: Optional[int] = None) -> Dataset:
     texts, labels = [], []
     for i in range(size):
         label = i % 2
-        adjs = _POS if label else _NEG
+        adjs, opposite = (_POS, _NEG) if label else (_NEG, _POS)
         text = rng.choice(_TEMPLATES).format(
-            n=rng.choice(_NOUNS), n2=rng.choice(_NOUNS), a=rng.choice(adjs), a2=rng.choice(adjs), f=rng.choice(_FILLER)
+            n=rng.choice(_NOUNS), n2=rng.choice(_NOUNS), a=rng.choice(adjs), a2=rng.choice(adjs),
+            o=rng.choice(opposite), f=rng.choice(_FILLER),
         )
         texts.append(text)
         labels.append(label)

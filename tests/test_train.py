@@ -1,0 +1,99 @@
+"""End to end through the real CLI: train, evaluate, predict, and the saved model in `pipeline`."""
+
+import json
+
+import pytest
+
+from tests.conftest import harness, ok, write_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("roundtrip")
+    out = tmp / "run"
+    cfg = write_config(tmp / "c.yaml", tiny_model, out, data={"train_samples": 96}, train={"epochs": 2, "lr": 3e-3})
+    result = ok(harness("train", "--config", str(cfg)))
+    return cfg, out, result
+
+
+def test_train_writes_config_metrics_tensorboard_and_an_hf_model(trained):
+    cfg, out, result = trained
+    assert (out / "config.yaml").is_file() and (out / "final" / "model.safetensors").is_file()
+    assert (out / "final" / "tokenizer.json").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert len(train) == 48 and all(r["train/tokens_per_s"] > 0 for r in train)
+    assert 0 <= train[0]["train/padding_fraction"] < 1
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    final = json.loads((out / "final" / "eval_results.json").read_text())
+    assert final["num_examples"] == 41
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == final
+
+
+def test_saved_model_loads_in_from_pretrained_and_pipeline(trained):
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    _, out, _ = trained
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    clf = pipeline("text-classification", model=str(out / "final"))
+    assert clf("a wonderful film")[0]["label"] in {"negative", "positive"}
+
+
+def test_evaluate_reproduces_the_in_training_metrics(trained):
+    cfg, out, _ = trained
+    r = ok(harness("evaluate", "--model", str(out / "final"), "--config", str(cfg)))
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    final = json.loads((out / "final" / "eval_results.json").read_text())
+    assert metrics["num_examples"] == 41 and metrics["accuracy"] == final["accuracy"]
+    assert metrics["loss"] == pytest.approx(final["loss"], abs=1e-5)
+
+
+def test_predict_from_arguments_and_jsonl(trained, tmp_path):
+    _, out, _ = trained
+    r = ok(harness("predict", "--model", str(out / "final"), "a wonderful film", "a dull plot"))
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [row["text"] for row in rows] == ["a wonderful film", "a dull plot"]
+    assert all(row["label"] in {"negative", "positive"} and 0.5 <= row["score"] <= 1 for row in rows)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
+    r = ok(harness("predict", "--model", str(out / "final"), "--input", str(inp)))
+    assert len(r.stdout.strip().splitlines()) == 3
+    inp.write_text('{"txt": "one"}\n')
+    bad = harness("predict", "--model", str(out / "final"), "--input", str(inp))
+    assert bad.returncode == 2 and "line 1: expected an object with a string 'text' field" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_a_finished_run_is_not_redone_and_another_config_is_refused(trained):
+    cfg, out, _ = trained
+    before = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    again = ok(harness("train", "--config", str(cfg)))
+    assert "nothing to do" in again.stdout
+    other = harness("train", "--config", str(cfg), "train.lr=0.5")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert other.stderr.strip().splitlines()[-1].startswith("harness: error: train.output_dir")
+    assert "differs in: train.lr" in other.stderr
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == before, "existing results untouched"
+
+
+def test_bad_data_exits_2_with_one_line_and_no_traceback(tmp_path, tiny_model):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "x", "label": 0}\n{"text": "y", "label": 5}\n')
+    (tmp_path / "data" / "test.jsonl").write_text('{"text": "x", "label": 0}\n')
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "out",
+                       data={"dataset": str(tmp_path / "data"), "train_samples": None, "eval_samples": None})
+    r = harness("train", "--config", str(cfg))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "harness: error: split 'train' row 1: label 5 is outside [0, 2) (model.num_labels=2)"
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_two_process_training_writes_one_model(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, out)
+    r = ok(harness("train", "--config", str(cfg), procs=2))
+    assert "2 process(es)" in r.stdout, "the launch really started two ranks"
+    assert r.stdout.count("saved ") == 1
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "final.tmp").exists()
