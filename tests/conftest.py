@@ -47,10 +47,10 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
-def write_config(path: Path, model: Path | str, output_dir: Path, **sections) -> Path:
+def write_config(path: Path, model_path: Path | str, output_dir: Path, **sections) -> Path:
     """A small recipe on synthetic data for the tiny model; `sections` update model/data/train."""
     cfg = {
-        "model": {"name_or_path": str(model), "num_labels": 2, "label_names": ["negative", "positive"]},
+        "model": {"name_or_path": str(model_path), "num_labels": 2, "label_names": ["negative", "positive"]},
         "data": {"dataset": "synthetic", "max_length": 32, "train_samples": 64, "eval_samples": 41},
         "train": {
             "output_dir": str(output_dir), "epochs": 1, "per_device_batch_size": 4, "lr": 1e-3,
