@@ -1,55 +1,222 @@
-"""What a run writes and when it may write it: the output folder guard and the final HF-format model.
+"""What a run writes, when, and what it may resume from.
 
-Every write here is made in a temporary folder and renamed into place, so a crash never leaves a
-half-written model where a finished one is expected.
+    OUTPUT_DIR/config.yaml                      the resolved config
+    OUTPUT_DIR/checkpoints/step-00000120/       resumable state: Accelerate's save_state (model, optimizer,
+                                                scheduler, every rank's RNG) + progress.json + COMPLETE.json
+    OUTPUT_DIR/best/, OUTPUT_DIR/final/         Hugging Face-format models
+
+Every folder is written under a `.tmp` name and renamed into place once whole; a checkpoint's
+COMPLETE.json (written last) lists each file's size. A checkpoint without it, or whose files do not match
+it, is never loaded: a `kill -9` at any moment leaves the previous complete checkpoint usable.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import yaml
 
 from harness.config import Config
 from harness.errors import BadInput
 
-# Keys that change how a run is driven, not what it produces.
-_NEUTRAL_KEYS = {("train", "overwrite"), ("train", "log_every"), ("data", "num_workers"), ("train", "eval_batch_size")}
+COMPLETE = "COMPLETE.json"
+PROGRESS = "progress.json"
+# Keys that change how a run is driven or recorded, not what it trains: a resume may change them.
+_NEUTRAL_KEYS = {
+    ("train", k) for k in ("output_dir", "overwrite", "log_every", "eval_batch_size", "save_every", "keep_last", "resume", "best_metric")
+} | {("data", "num_workers")}
+
+
+@dataclass
+class Progress:
+    """Where training stands after `step` optimizer steps: enough to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # samples of `epoch` already consumed, all ranks together
+    samples_seen: int = 0
+    best_value: Optional[float] = None
+    world_size: int = 1
+    global_batch: int = 0
+
+
+# ---------------------------------------------------------------- deciding how a run starts
 
 
 def _comparable(d: dict) -> dict:
     return {s: {k: v for k, v in sec.items() if (s, k) not in _NEUTRAL_KEYS} for s, sec in d.items() if isinstance(sec, dict)}
 
 
-def check_output_dir(cfg: Config) -> str:
-    """Decide what to do with train.output_dir. Returns 'fresh' or 'finished'.
+def plan_start(cfg: Config, warn: Callable[[str], None] = print) -> tuple[str, Optional[Path]]:
+    """Read-only look at train.output_dir. Returns (what, checkpoint):
 
-    A folder holding a run of another config is refused unless train.overwrite=true: results are never
-    silently replaced. A finished run of the same config is 'finished' (nothing to train).
+    - ("finished", None): a finished run of this config is there; nothing to train;
+    - ("resume", path): continue from that complete checkpoint;
+    - ("fresh", None): start from scratch (the main process then removes an old run, if overwrite allowed it).
     """
-    out = Path(cfg.train.output_dir)
+    t = cfg.train
+    out = Path(t.output_dir)
     if out.exists() and not out.is_dir():
         raise BadInput(f"train.output_dir {out} exists and is not a folder")
+    explicit = t.resume not in ("auto", "none")
     saved = out / "config.yaml"
-    if not saved.is_file() or cfg.train.overwrite:
-        return "fresh"
+    has_run = saved.is_file() or bool(complete_checkpoints(out))
+    if saved.is_file():
+        try:
+            previous = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError:
+            previous = None
+        if previous is None or _comparable(previous) != _comparable(cfg.to_dict()):
+            if t.overwrite:
+                return "fresh", None
+            changed = "unreadable config.yaml" if previous is None else ", ".join(sorted(
+                f"{s}.{k}" for s, sec in _comparable(cfg.to_dict()).items() for k, v in sec.items()
+                if (previous.get(s) or {}).get(k, object()) != v
+            ))
+            raise BadInput(
+                f"train.output_dir {out} holds a run of a different config (differs in: {changed}); "
+                "choose another output_dir or set train.overwrite=true"
+            )
+    if explicit:
+        return "resume", checked_checkpoint(Path(t.resume))
+    if t.resume == "none":
+        if has_run and not t.overwrite:
+            raise BadInput(f"train.output_dir {out} already holds a run and train.resume=none; "
+                           "use train.resume=auto to continue it or train.overwrite=true to start over")
+        return "fresh", None
+    if (out / "final" / "config.json").is_file():
+        return "finished", None
+    latest = latest_checkpoint(out, warn)
+    return ("resume", latest) if latest else ("fresh", None)
+
+
+def clear_run(out: Path) -> None:
+    """Remove a previous run's outputs (main process, only after train.overwrite=true allowed it)."""
+    for name in ("checkpoints", "best", "final", "tensorboard"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "config.yaml"):
+        (out / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- finding checkpoints
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"step-{step:08d}"
+
+
+def verify(path: Path) -> Optional[str]:
+    """None if the checkpoint at `path` is complete and its files are whole, else the reason it is not."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        return f"no {COMPLETE} (unfinished write)"
     try:
-        previous = yaml.safe_load(saved.read_text()) or {}
-    except yaml.YAMLError:
-        raise BadInput(f"{saved} is not valid YAML; set train.overwrite=true to start a new run in {out}") from None
-    if _comparable(previous) != _comparable(cfg.to_dict()):
-        changed = sorted(
-            f"{s}.{k}"
-            for s, sec in _comparable(cfg.to_dict()).items()
-            for k, v in sec.items()
-            if (previous.get(s) or {}).get(k, object()) != v
-        )
-        raise BadInput(
-            f"train.output_dir {out} holds a run of a different config (differs in: {', '.join(changed) or 'sections'}); "
-            "choose another output_dir or set train.overwrite=true"
-        )
-    return "finished" if (out / "final" / "config.json").is_file() else "fresh"
+        manifest = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{COMPLETE} is corrupt"
+    for rel, size in manifest.items():
+        f = path / rel
+        if not f.is_file():
+            return f"missing {rel}"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, expected {size} (truncated or altered)"
+    return None
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (by step number, never by modification time)."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    dirs = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return [p for p in dirs if verify(p) is None]
+
+
+def latest_checkpoint(out: Path, warn: Callable[[str], None] = print) -> Optional[Path]:
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return None
+    for p in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True):
+        reason = "unfinished write" if p.name.endswith(".tmp") else verify(p)
+        if reason is None:
+            return p
+        warn(f"harness: warning: skipping checkpoint {p}: {reason}")
+    return None
+
+
+def checked_checkpoint(path: Path) -> Path:
+    """A checkpoint the user named: refuse, don't skip, when it cannot be used."""
+    if not path.is_dir():
+        raise BadInput(f"train.resume: checkpoint folder not found: {path}")
+    reason = verify(path)
+    if reason:
+        raise BadInput(f"train.resume: checkpoint {path} is incomplete or corrupt: {reason}")
+    return path
+
+
+def read_progress(path: Path) -> Progress:
+    try:
+        return Progress(**json.loads((path / PROGRESS).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise BadInput(f"checkpoint {path}: cannot read {PROGRESS}: {e}") from None
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator, out: Path, progress: Progress, keep_last: int) -> Path:
+    """Resumable state for `progress.step`. Every rank must call it (DeepSpeed's save is collective)."""
+    final = checkpoint_dir(out, progress.step)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_write(tmp / PROGRESS, json.dumps(asdict(progress), indent=2))
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        for rel in files:
+            with open(tmp / rel, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_write(tmp / COMPLETE, json.dumps({"step": progress.step, "files": files}, indent=2))
+        replace_dir(tmp, final)
+        _fsync_dir(final.parent)
+        prune(out, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(out: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older ones and leftovers of killed writes."""
+    complete = complete_checkpoints(out)
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    newest = complete[-1] if complete else None
+    for p in (Path(out) / "checkpoints").glob("step-*"):
+        if p.is_dir() and p not in complete and (newest is None or p.name < newest.name):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -64,8 +231,8 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_model(accelerator, model, tokenizer, path: Path) -> None:
-    """HF-format model + tokenizer at `path`, written by the main process.
+def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] = None) -> None:
+    """HF-format model + tokenizer at `path` (plus `extra` as eval_results.json), written by the main process.
 
     Every rank must call this: under ZeRO-3 `get_state_dict` gathers the partitioned weights, a
     collective that hangs if one rank skips it and writes empty tensors if nobody gathers.
@@ -74,9 +241,10 @@ def save_model(accelerator, model, tokenizer, path: Path) -> None:
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "eval_results.json").write_text(json.dumps(extra, indent=2) + "\n")
         replace_dir(tmp, path)
     accelerator.wait_for_everyone()

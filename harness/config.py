@@ -71,7 +71,15 @@ class TrainConfig:
     """`epoch`, or every N optimizer steps."""
     log_every: int = 10
     overwrite: bool = False
-    """Allow training into an output_dir that holds a finished run of another config."""
+    """Allow training into an output_dir that holds a run of another config (that run is removed)."""
+    save_every: Optional[Union[int, str]] = None
+    """Resumable checkpoint every N optimizer steps, or `epoch`; None: only when stopped by a signal."""
+    keep_last: int = 2
+    """Resumable checkpoints kept (the newest complete ones)."""
+    best_metric: Optional[str] = None
+    """Keep OUTPUT_DIR/best/ as the model of the best evaluation by this metric (accuracy, f1, precision, recall, loss)."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint if any; `none`: refuse an existing run; or a checkpoint path."""
 
 
 @dataclass
@@ -246,6 +254,19 @@ def validate(cfg: Config) -> None:
         t.eval_every == "epoch" or (isinstance(t.eval_every, int) and t.eval_every >= 1),
         f"train.eval_every must be 'epoch' or a positive number of steps, got {t.eval_every!r}",
     )
+    need(
+        t.save_every is None or t.save_every == "epoch" or (isinstance(t.save_every, int) and t.save_every >= 1),
+        f"train.save_every must be 'epoch', a positive number of steps or null, got {t.save_every!r}",
+    )
+    need(t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}")
+    need(
+        t.best_metric is None or t.best_metric in BEST_METRICS,
+        f"train.best_metric must be one of {', '.join(BEST_METRICS)}, got {t.best_metric!r}",
+    )
+
+
+# metric -> True when higher is better
+BEST_METRICS = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False}
 
 
 def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:

@@ -6,6 +6,8 @@ The launch config alone decides the hardware; the code path is the same everywhe
 from __future__ import annotations
 
 import os
+import signal
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -33,3 +35,39 @@ def build_accelerator(grad_accum_steps: int = 1) -> Accelerator:
         step_scheduler_with_optimizer=False,
         **kwargs,
     )
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (what Slurm sends before preemption or the time limit) ask for a clean stop.
+
+    The handler only records the request; `should_stop` is a collective (a max all-reduce) that every rank
+    calls at each optimizer-step boundary, so a signal that reached one rank stops all of them at the same
+    step, and none waits forever in a collective the others skipped. A second signal changes nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def install(self) -> "StopFlag":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def should_stop(self, accelerator) -> bool:
+        local = self.received is not None
+        if accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, "max").item() > 0)

@@ -55,4 +55,6 @@ def eval_dataloader(dataset, batch_size: int, collate_fn, num_workers: int = 0) 
     """Longest examples first (little padding, and an out-of-memory shows at once); the order is fixed."""
     lengths = dataset["length"]
     ordered = dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
-    return DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers)
+    # Its own generator: starting an epoch of it must not draw from the global RNG (training's dropout stream).
+    return DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers,
+                      generator=torch.Generator())

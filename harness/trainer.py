@@ -11,7 +11,6 @@ only the few places that write files check for the main process.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -21,10 +20,11 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from harness.checkpoint import check_output_dir, save_model
-from harness.config import Config, warmup_steps_for
+from harness.checkpoint import Progress, clear_run, plan_start, read_progress, save_checkpoint, save_model
+from harness.config import BEST_METRICS, Config, warmup_steps_for
 from harness.data import Collator, StepBatchSampler, build_split
-from harness.distributed import build_accelerator
+from harness.distributed import StopFlag, build_accelerator, deepspeed_requested
+from harness.errors import BadInput
 from harness.evaluation import eval_dataloader, evaluate
 from harness.modeling import build_optimizer, linear_schedule, load_model, load_tokenizer
 
@@ -32,19 +32,22 @@ from harness.modeling import build_optimizer, linear_schedule, load_model, load_
 class MetricsLog:
     """`metrics.jsonl` and TensorBoard, written by the main process only (one event file per run)."""
 
-    def __init__(self, out: Path, enabled: bool, fresh: bool):
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None):
+        """A fresh run starts empty; a resumed one drops records past its checkpoint (they will be redone)."""
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
-        out.mkdir(parents=True, exist_ok=True)
-        if fresh:
+        self.path = out / "metrics.jsonl"
+        if resume_step is None:
             shutil.rmtree(out / "tensorboard", ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+        elif self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out / "tensorboard"))
-        self.path = out / "metrics.jsonl"
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step is not None else None)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -63,10 +66,17 @@ class MetricsLog:
 def train(cfg: Config) -> dict:
     t, d = cfg.train, cfg.data
     out = Path(t.output_dir)
-    if check_output_dir(cfg) == "finished":
-        print(f"{out} already holds a finished run of this config ({out / 'final'}); nothing to do")
-        return {}
     accelerator = build_accelerator(t.grad_accum_steps)
+    start, checkpoint = plan_start(cfg, warn=accelerator.print)
+    if start == "finished":
+        accelerator.print(f"{out} already holds a finished run of this config ({out / 'final'}); nothing to do")
+        return {}
+    accelerator.wait_for_everyone()  # every rank has looked at output_dir before the main process writes there
+    if accelerator.is_main_process:
+        if start == "fresh":
+            clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
     set_seed(t.seed)
 
     # Data: each node's first process tokenizes and fills the datasets cache, the others read it.
@@ -79,42 +89,64 @@ def train(cfg: Config) -> dict:
         train_ds["length"], t.per_device_batch_size, t.grad_accum_steps,
         accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length,
     )
-    # Not passed to prepare(): the sampler already gives each rank its own batches.
+    # Not passed to prepare(): the sampler already gives each rank its own batches. The loaders get their
+    # own generators so that starting one never draws from the global RNG (dropout) stream: resumed
+    # runs then see exactly the random numbers of an uninterrupted one.
     train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator())
     eval_dl = eval_dataloader(eval_ds, t.eval_batch_size or 2 * t.per_device_batch_size, collate, d.num_workers)
 
-    # Schedule in optimizer steps for this world size and accumulation.
+    # Where to start, and the schedule in optimizer steps for this world size and accumulation.
+    state = read_progress(checkpoint) if checkpoint else Progress()
+    if state.position >= len(train_ds):
+        state.epoch, state.position = state.epoch + 1, 0
     steps_per_epoch = sampler.steps()
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
+    sampler.set_epoch(state.epoch, state.position)
+    total_steps = t.max_steps or state.step + sampler.steps() + (t.epochs - state.epoch - 1) * steps_per_epoch
     warmup = warmup_steps_for(t, total_steps)
 
     model = load_model(cfg.model)
     optimizer = build_optimizer(model, t.lr, t.weight_decay)
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     model, optimizer, scheduler, eval_dl = accelerator.prepare(model, optimizer, scheduler, eval_dl)
+    if checkpoint:
+        check_world_size_change(state, accelerator)
+        load_state(accelerator, checkpoint)
+        accelerator.print(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
+                          f"{state.position} of {len(train_ds)} examples of the epoch done")
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
-    log = MetricsLog(out, accelerator.is_main_process, fresh=True)
+    log = MetricsLog(out, accelerator.is_main_process, resume_step=state.step if checkpoint else None)
     accelerator.print(
         f"train: {len(train_ds)} examples, eval: {len(eval_ds)}; {accelerator.num_processes} process(es) x "
         f"batch {t.per_device_batch_size} x accumulation {t.grad_accum_steps} = {sampler.global_batch} per step; "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup}"
     )
 
-    step, last_eval_step, metrics = 0, -1, {}
-    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process)
+    def save(progress: Progress) -> Path:
+        progress.world_size, progress.global_batch = accelerator.num_processes, sampler.global_batch
+        return save_checkpoint(accelerator, out, progress, t.keep_last)
+
+    def evaluate_and_keep_best(step: int) -> dict:
+        metrics = evaluate(model, eval_dl, accelerator, cfg.model.num_labels)
+        log.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        accelerator.print(f"step {step}: " + ", ".join(
+            f"eval {k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        if t.best_metric is not None:
+            value, higher = metrics[t.best_metric], BEST_METRICS[t.best_metric]
+            if state.best_value is None or (value > state.best_value if higher else value < state.best_value):
+                state.best_value = value
+                save_model(accelerator, model, tokenizer, out / "best", extra={"step": step, **metrics})
+        return metrics
+
+    stop = StopFlag().install()
+    step, last_eval_step, metrics = state.step, -1, {}
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     loss_sum = torch.zeros((), device=accelerator.device)
     micro_batches = samples = real_tokens = padded_tokens = 0
-    samples_seen = 0  # all ranks together, since the start of training
     grad_norm = None
     tic = time.perf_counter()
     model.train()
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
+    while step < total_steps:
         for batch in train_dl:
             # Counted on the host before the copy, so logging needs no device synchronisation.
             samples += batch["labels"].numel()
@@ -134,21 +166,23 @@ def train(cfg: Config) -> dict:
                 continue
             scheduler.step()
             step += 1
+            state.step = step
+            state.position = min(state.position + sampler.global_batch, len(train_ds))
             progress.update(1)
 
             if step % t.log_every == 0 or step == total_steps:
                 counts = torch.tensor([micro_batches, samples, real_tokens, padded_tokens], dtype=torch.float32)
                 totals = accelerator.reduce(torch.cat([loss_sum.float().reshape(1), counts.to(accelerator.device)]), "sum").tolist()
                 elapsed = time.perf_counter() - tic
-                samples_seen += int(totals[2])
+                state.samples_seen += int(totals[2])
                 record = {
                     "train/loss": totals[0] / totals[1],
                     "train/lr": scheduler.get_last_lr()[0],
-                    "train/epoch": step / steps_per_epoch,
+                    "train/epoch": state.epoch + state.position / len(train_ds),
                     "train/samples_per_s": totals[2] / elapsed,
                     "train/tokens_per_s": totals[3] / elapsed,
                     "train/padding_fraction": 1 - totals[3] / totals[4],
-                    "train/samples_seen": samples_seen,
+                    "train/samples_seen": state.samples_seen,
                 }
                 if grad_norm is not None:
                     record["train/grad_norm"] = float(grad_norm)
@@ -159,31 +193,52 @@ def train(cfg: Config) -> dict:
                 tic = time.perf_counter()
 
             if isinstance(t.eval_every, int) and step % t.eval_every == 0:
-                metrics = _evaluate_and_log(model, eval_dl, accelerator, cfg, log, step)
+                metrics = evaluate_and_keep_best(step)
                 last_eval_step = step
+            if stop.should_stop(accelerator):
+                path = save(state)
+                accelerator.print(f"stopped by a signal at step {step}; resumable checkpoint: {path}")
+                progress.close()
+                log.close()
+                stop.uninstall()
+                return metrics
+            if isinstance(t.save_every, int) and step % t.save_every == 0:
+                save(state)
             if step >= total_steps:
                 break
-        if t.eval_every == "epoch" and last_eval_step != step:
-            metrics = _evaluate_and_log(model, eval_dl, accelerator, cfg, log, step)
-            last_eval_step = step
-        if step >= total_steps:
-            break
+        else:  # the epoch ran to its end
+            if t.eval_every == "epoch" and last_eval_step != step:
+                metrics = evaluate_and_keep_best(step)
+                last_eval_step = step
+            state.epoch, state.position = state.epoch + 1, 0
+            sampler.set_epoch(state.epoch)
+            if t.save_every == "epoch" and step < total_steps:
+                save(state)
     progress.close()
     if last_eval_step != step:
-        metrics = _evaluate_and_log(model, eval_dl, accelerator, cfg, log, step)
+        metrics = evaluate_and_keep_best(step)
 
-    save_model(accelerator, model, tokenizer, out / "final")
-    if accelerator.is_main_process:
-        (out / "final" / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_model(accelerator, model, tokenizer, out / "final", extra=metrics)
     log.close()
+    stop.uninstall()
     accelerator.print(f"saved {out / 'final'}")
     accelerator.print(json.dumps(metrics))
     accelerator.end_training()
     return metrics
 
 
-def _evaluate_and_log(model, eval_dl, accelerator, cfg: Config, log: MetricsLog, step: int) -> dict:
-    metrics = evaluate(model, eval_dl, accelerator, cfg.model.num_labels)
-    log.log(step, {f"eval/{k}": v for k, v in metrics.items()})
-    accelerator.print(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-    return metrics
+def check_world_size_change(state: Progress, accelerator) -> None:
+    """DDP resumes on any world size (the data position is a sample count); ZeRO's partitioned state does not."""
+    if state.world_size != accelerator.num_processes and deepspeed_requested():
+        raise BadInput(
+            f"checkpoint was written by {state.world_size} processes and DeepSpeed ZeRO state is partitioned per "
+            f"rank; resume it on {state.world_size} processes (now {accelerator.num_processes})"
+        )
+
+
+def load_state(accelerator, checkpoint: Path) -> None:
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:  # a file that passed the size check but does not parse
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"checkpoint {checkpoint} cannot be loaded: {first}") from None

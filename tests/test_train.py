@@ -77,6 +77,18 @@ def test_a_finished_run_is_not_redone_and_another_config_is_refused(trained):
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == before, "existing results untouched"
 
 
+def test_overwrite_replaces_a_run_of_another_config(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, out, train={"max_steps": 3})
+    ok(harness("train", "--config", str(cfg)))
+    ok(harness("train", "--config", str(cfg), "train.max_steps=4", "train.overwrite=true"))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4 and steps.count(1) == 1, "the old run's records are gone"
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
+
+
 def test_bad_data_exits_2_with_one_line_and_no_traceback(tmp_path, tiny_model):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text('{"text": "x", "label": 0}\n{"text": "y", "label": 5}\n')
