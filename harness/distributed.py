@@ -5,6 +5,8 @@ The launch config alone decides the hardware; the code path is the same everywhe
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import signal
 from typing import Optional
@@ -13,6 +15,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from harness.config import TrainConfig
+from harness.errors import BadInput
+
 
 def deepspeed_requested() -> bool:
     """`accelerate launch` with a DeepSpeed config sets this in every process it starts."""
@@ -20,6 +25,8 @@ def deepspeed_requested() -> bool:
 
 
 def build_accelerator(grad_accum_steps: int = 1) -> Accelerator:
+    if deepspeed_requested() and importlib.util.find_spec("deepspeed") is None:
+        raise BadInput("the launch config asks for DeepSpeed, which is not installed: pip install -e '.[deepspeed]'")
     kwargs: dict = {}
     if not torch.cuda.is_available():
         if deepspeed_requested():
@@ -35,6 +42,51 @@ def build_accelerator(grad_accum_steps: int = 1) -> Accelerator:
         step_scheduler_with_optimizer=False,
         **kwargs,
     )
+
+
+def configure_deepspeed(accelerator: Accelerator, t: TrainConfig) -> None:
+    """Fill DeepSpeed's `auto` values from the harness config, the one source of truth, before prepare().
+
+    The JSON the user wrote is read as written: a value it states that contradicts the recipe is refused
+    (naming both), never silently overridden. The harness builds the optimizer and schedule in every mode,
+    so a JSON `optimizer` or `scheduler` block is refused too. DeepSpeed does the clipping
+    (`gradient_clipping`); under ZeRO-3 the 16-bit weights are gathered on save so the export is whole.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    written: dict = {}
+    if source and source != "none":
+        try:
+            written = json.loads(open(source).read())
+        except (OSError, ValueError) as e:
+            raise BadInput(f"DeepSpeed config {source}: cannot read it as JSON: {e}") from None
+    name = source if source and source != "none" else "the DeepSpeed config of the launch config"
+    for block in ("optimizer", "scheduler"):
+        if block in written:
+            raise BadInput(
+                f"{name} defines its own '{block}'; harness builds AdamW and the linear schedule from train.* "
+                f"(train.lr, train.weight_decay, train.warmup_steps): remove the '{block}' block"
+            )
+    wanted = {
+        "train_micro_batch_size_per_gpu": (t.per_device_batch_size, "train.per_device_batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum_steps, "train.grad_accum_steps"),
+        "train_batch_size": (
+            t.per_device_batch_size * t.grad_accum_steps * accelerator.num_processes,
+            f"train.per_device_batch_size x train.grad_accum_steps x {accelerator.num_processes} processes",
+        ),
+        "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm"),
+    }
+    config = plugin.deepspeed_config
+    for key, (value, origin) in wanted.items():
+        stated = written.get(key, "auto")
+        if stated != "auto" and stated != value:
+            raise BadInput(f"{name}: {key}={stated} contradicts {origin}={value}; set it to \"auto\" or make them agree")
+        config[key] = value
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 class StopFlag:

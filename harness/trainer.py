@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from harness.checkpoint import Progress, clear_run, plan_start, read_progress, save_checkpoint, save_model
 from harness.config import BEST_METRICS, Config, warmup_steps_for
 from harness.data import Collator, StepBatchSampler, build_split
-from harness.distributed import StopFlag, build_accelerator, deepspeed_requested
+from harness.distributed import StopFlag, build_accelerator, configure_deepspeed, deepspeed_requested
 from harness.errors import BadInput
 from harness.evaluation import eval_dataloader, evaluate
 from harness.modeling import build_optimizer, linear_schedule, load_model, load_tokenizer
@@ -108,7 +108,12 @@ def train(cfg: Config) -> dict:
     model = load_model(cfg.model)
     optimizer = build_optimizer(model, t.lr, t.weight_decay)
     scheduler = linear_schedule(optimizer, warmup, total_steps)
+    configure_deepspeed(accelerator, t)
     model, optimizer, scheduler, eval_dl = accelerator.prepare(model, optimizer, scheduler, eval_dl)
+    if accelerator.state.deepspeed_plugin is not None and accelerator.is_main_process:
+        resolved = json.dumps(accelerator.deepspeed_config, indent=2, default=str)
+        (out / "deepspeed_config.json").write_text(resolved + "\n")
+        print(f"DeepSpeed config (resolved, also in {out / 'deepspeed_config.json'}):\n{resolved}", flush=True)
     if checkpoint:
         check_world_size_change(state, accelerator)
         load_state(accelerator, checkpoint)
