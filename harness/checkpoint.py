@@ -242,7 +242,11 @@ def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] 
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        # save_original_format=False: keep the parameter names as they are (LayerNorm.weight), not the legacy
+        # names (LayerNorm.gamma) that transformers 5 writes back for models it loaded through a renaming.
+        accelerator.unwrap_model(model).save_pretrained(
+            tmp, state_dict=state_dict, safe_serialization=True, save_original_format=False
+        )
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             (tmp / "eval_results.json").write_text(json.dumps(extra, indent=2) + "\n")
