@@ -1,9 +1,10 @@
-"""Command line: `harness train | evaluate | predict`.
+"""Command line: `harness train | evaluate | predict | plan`.
 
     harness train --config configs/quickstart.yaml train.max_steps=20
     harness evaluate --model outputs/quickstart/final --config configs/quickstart.yaml
     harness predict --model outputs/quickstart/final "a wonderful film" "a dull plot"
     harness predict --model outputs/quickstart/final --input reviews.jsonl
+    harness plan --config configs/bert_base_imdb.yaml --launch-config launch_configs/accelerate/deepspeed_zero2.yaml
 
 Exit codes: 0 success; 2 bad input (one line on stderr naming the key, file or value); 1 anything else.
 """
@@ -37,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe naming the data to score on")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
+    p = sub.add_parser("plan", help="check a config and launch before starting anything: sizes, steps, DeepSpeed")
+    p.add_argument("--config", required=True)
+    p.add_argument("--launch-config", help="the accelerate launch config the job will use")
+    p.add_argument("--nodes", type=int, help="number of nodes (default: Slurm's, else the launch config's)")
+    p.add_argument("--gpus-per-node", type=int, help="processes per node (default: Slurm's, else the launch config's)")
+    p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.output_dir) and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
     p = sub.add_parser("predict", help="classify texts with a saved model")
     p.add_argument("--model", required=True, help="folder of a saved model")
     p.add_argument("--input", help="JSON-lines file with a 'text' field per line")
@@ -58,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             run_evaluate(args)
         elif args.command == "predict":
             run_predict(args)
+        elif args.command == "plan":
+            run_plan(args)
         return 0
     except BadInput as e:
         print(f"harness: error: {e}", file=sys.stderr)
@@ -91,6 +102,21 @@ def run_evaluate(args) -> dict:
         print(json.dumps(metrics), flush=True)
     accelerator.end_training()
     return metrics
+
+
+def run_plan(args) -> None:
+    from harness.config import load_config
+    from harness.plan import describe, get_value, plan
+
+    cfg = load_config(args.config, args.overrides)
+    if args.get:
+        print(get_value(cfg, args.get))
+        return
+    for flag in ("nodes", "gpus_per_node"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise BadInput(f"plan: --{flag.replace('_', '-')} must be at least 1, got {value}")
+    print(describe(cfg, plan(cfg, args.launch_config, args.nodes, args.gpus_per_node)))
 
 
 def run_predict(args) -> None:

@@ -44,25 +44,21 @@ def build_accelerator(grad_accum_steps: int = 1) -> Accelerator:
     )
 
 
-def configure_deepspeed(accelerator: Accelerator, t: TrainConfig) -> None:
-    """Fill DeepSpeed's `auto` values from the harness config, the one source of truth, before prepare().
+def read_deepspeed_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"DeepSpeed config {path}: cannot read it as JSON: {e}") from None
 
-    The JSON the user wrote is read as written: a value it states that contradicts the recipe is refused
-    (naming both), never silently overridden. The harness builds the optimizer and schedule in every mode,
-    so a JSON `optimizer` or `scheduler` block is refused too. DeepSpeed does the clipping
-    (`gradient_clipping`); under ZeRO-3 the 16-bit weights are gathered on save so the export is whole.
+
+def deepspeed_values(written: dict, name: str, t: TrainConfig, world_size: int) -> dict:
+    """The values the harness decides for DeepSpeed, checked against what the JSON states.
+
+    The JSON is read as written: a value it states that contradicts the recipe is refused (naming both),
+    never silently overridden. The harness builds the optimizer and schedule in every mode, so a JSON
+    `optimizer` or `scheduler` block is refused too. DeepSpeed does the clipping (`gradient_clipping`).
     """
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
-    written: dict = {}
-    if source and source != "none":
-        try:
-            written = json.loads(open(source).read())
-        except (OSError, ValueError) as e:
-            raise BadInput(f"DeepSpeed config {source}: cannot read it as JSON: {e}") from None
-    name = source if source and source != "none" else "the DeepSpeed config of the launch config"
     for block in ("optimizer", "scheduler"):
         if block in written:
             raise BadInput(
@@ -73,20 +69,36 @@ def configure_deepspeed(accelerator: Accelerator, t: TrainConfig) -> None:
         "train_micro_batch_size_per_gpu": (t.per_device_batch_size, "train.per_device_batch_size"),
         "gradient_accumulation_steps": (t.grad_accum_steps, "train.grad_accum_steps"),
         "train_batch_size": (
-            t.per_device_batch_size * t.grad_accum_steps * accelerator.num_processes,
-            f"train.per_device_batch_size x train.grad_accum_steps x {accelerator.num_processes} processes",
+            t.per_device_batch_size * t.grad_accum_steps * world_size,
+            f"train.per_device_batch_size x train.grad_accum_steps x {world_size} processes",
         ),
         "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm"),
     }
-    config = plugin.deepspeed_config
     for key, (value, origin) in wanted.items():
         stated = written.get(key, "auto")
         if stated != "auto" and stated != value:
             raise BadInput(f"{name}: {key}={stated} contradicts {origin}={value}; set it to \"auto\" or make them agree")
-        config[key] = value
-    zero = config.setdefault("zero_optimization", {})
-    if zero.get("stage") == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    values = {key: value for key, (value, _) in wanted.items()}
+    if (written.get("zero_optimization") or {}).get("stage") == 3:
+        # the final export gathers the 16-bit weights on every rank; without this flag it cannot
+        values["zero_optimization.stage3_gather_16bit_weights_on_model_save"] = True
+    return values
+
+
+def configure_deepspeed(accelerator: Accelerator, t: TrainConfig) -> None:
+    """Fill DeepSpeed's `auto` values from the harness config, the one source of truth, before prepare()."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    written = read_deepspeed_json(source) if source != "none" else plugin.deepspeed_config
+    name = source if source != "none" else "the DeepSpeed config of the launch config"
+    for dotted, value in deepspeed_values(written, name, t, accelerator.num_processes).items():
+        section = plugin.deepspeed_config
+        *parents, key = dotted.split(".")
+        for parent in parents:
+            section = section.setdefault(parent, {})
+        section[key] = value
 
 
 class StopFlag:

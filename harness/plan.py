@@ -1,0 +1,196 @@
+"""`harness plan`: what a launch would do, checked before any GPU is spent. Starts no processes.
+
+    harness plan --config configs/bert_base_imdb.yaml --launch-config launch_configs/accelerate/deepspeed_zero2.yaml
+    harness plan --config configs/bert_base_imdb.yaml --nodes 2 --gpus-per-node 8
+    harness plan --config configs/quickstart.yaml --get train.output_dir      # one resolved value (for scripts)
+
+The world size comes from, in order: --nodes/--gpus-per-node, Slurm's environment inside an allocation
+(SLURM_JOB_NUM_NODES x SLURM_GPUS_ON_NODE), the launch config (num_machines, num_processes), else 1.
+It fails with a one-line error on what would break a long job late.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from harness.checkpoint import plan_start
+from harness.config import Config, warmup_steps_for
+from harness.data import load_split, steps_in_epoch
+from harness.distributed import deepspeed_values, read_deepspeed_json
+from harness.errors import BadInput
+
+
+@dataclass
+class World:
+    nodes: int
+    processes: int
+    source: str
+    deepspeed_json: Optional[str] = None
+    mixed_precision: str = "no"
+
+
+def read_launch_config(path: Optional[str]) -> dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"--launch-config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise BadInput(f"--launch-config {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise BadInput(f"--launch-config {p} must be a mapping")
+    return raw
+
+
+def world_from(launch: dict, nodes: Optional[int], gpus_per_node: Optional[int], env=os.environ) -> World:
+    ds_json = None
+    if launch.get("distributed_type") == "DEEPSPEED":
+        ds_json = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
+        if not ds_json:
+            raise BadInput("the launch config uses DeepSpeed without deepspeed_config_file; harness expects a JSON in launch_configs/deepspeed/")
+    precision = str(launch.get("mixed_precision", "no"))
+    launch_nodes = int(launch.get("num_machines", 1))
+    launch_procs = int(launch.get("num_processes", 1))
+    if launch_procs % launch_nodes:
+        raise BadInput(f"launch config: num_processes={launch_procs} does not divide over num_machines={launch_nodes}")
+    if nodes or gpus_per_node:
+        n = nodes or launch_nodes
+        g = gpus_per_node or launch_procs // launch_nodes
+        return World(n, n * g, "command line", ds_json, precision)
+    if env.get("SLURM_JOB_ID"):
+        n = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE", "").split(":")[-1]
+        g = int(gpus) if gpus and gpus.isdigit() else launch_procs // launch_nodes
+        return World(n, n * g, f"Slurm job {env['SLURM_JOB_ID']}", ds_json, precision)
+    return World(launch_nodes, launch_procs, "launch config" if launch else "default (one process)", ds_json, precision)
+
+
+def split_size(cfg: Config, split: str, requested: Optional[int]) -> tuple[int, str]:
+    d, m = cfg.data, cfg.model
+    try:
+        n = len(load_split(d, split, m.label_names, m.num_labels))
+    except BadInput as e:
+        if "cannot load dataset" not in str(e):
+            raise
+        if requested is None:
+            raise BadInput(f"{e}; to plan without it, set data.train_samples and data.eval_samples") from None
+        return requested, f"{requested} (from data.*_samples: the dataset could not be opened here)"
+    if requested is not None and requested < n:
+        return requested, f"{requested} of {n}"
+    return n, str(n)
+
+
+def model_flops_per_token(cfg: Config) -> Optional[tuple[int, int, int, int]]:
+    """(non-embedding params, layers, hidden, vocab) from the model's config, or None if not available."""
+    try:
+        import torch
+        from torch import nn
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        from harness.modeling import resolve_model_path
+
+        mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path), num_labels=cfg.model.num_labels,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(mc)
+        embedding = sum(p.numel() for mod in model.modules() if isinstance(mod, nn.Embedding) for p in mod.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        return total - embedding, mc.num_hidden_layers, mc.hidden_size, total
+    except Exception:  # offline without a cached config: the estimate is optional
+        return None
+
+
+def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] = None,
+         gpus_per_node: Optional[int] = None, env=os.environ) -> dict:
+    t, d = cfg.train, cfg.data
+    world = world_from(read_launch_config(launch_config), nodes, gpus_per_node, env)
+    global_batch = t.per_device_batch_size * t.grad_accum_steps * world.processes
+
+    ds_resolved = None
+    if world.deepspeed_json:
+        written = read_deepspeed_json(world.deepspeed_json)
+        ds_resolved = dict(written)
+        for dotted, value in deepspeed_values(written, world.deepspeed_json, t, world.processes).items():
+            section = ds_resolved
+            *parents, key = dotted.split(".")
+            for parent in parents:
+                section = section.setdefault(parent, {})
+            section[key] = value
+        for key in ("bf16", "fp16"):
+            if isinstance(ds_resolved.get(key), dict) and ds_resolved[key].get("enabled") == "auto":
+                ds_resolved[key] = {**ds_resolved[key], "enabled": world.mixed_precision == key}
+
+    n_train, train_text = split_size(cfg, d.train_split, d.train_samples)
+    n_eval, eval_text = split_size(cfg, d.eval_split, d.eval_samples)
+    steps_per_epoch = steps_in_epoch(n_train, global_batch)
+    if n_train < global_batch:
+        raise BadInput(f"global batch {global_batch} (per-device {t.per_device_batch_size} x accumulation "
+                       f"{t.grad_accum_steps} x {world.processes} processes) is larger than the training set ({n_train})")
+    total = t.max_steps or t.epochs * steps_per_epoch
+    warmup = warmup_steps_for(t, total)
+    if isinstance(t.save_every, int) and t.save_every > total:
+        raise BadInput(f"train.save_every={t.save_every} is longer than the run ({total} optimizer steps): no checkpoint would be written")
+    if isinstance(t.eval_every, int) and t.eval_every > total:
+        raise BadInput(f"train.eval_every={t.eval_every} is longer than the run ({total} optimizer steps)")
+    start, checkpoint = plan_start(cfg, warn=lambda m: None)
+
+    flops = None
+    shape = model_flops_per_token(cfg)
+    if shape is not None:
+        non_embedding, layers, hidden, params = shape
+        per_token = 6 * non_embedding + 12 * layers * hidden * d.max_length
+        tokens = total * global_batch * d.max_length
+        flops = {"parameters": params, "non_embedding_parameters": non_embedding,
+                 "flops_per_token": per_token, "training_flops_upper_bound": per_token * tokens}
+
+    return {
+        "world": world, "global_batch": global_batch, "train_examples": train_text, "eval_examples": eval_text,
+        "steps_per_epoch": steps_per_epoch, "total_steps": total, "epochs": total / steps_per_epoch,
+        "warmup": warmup, "deepspeed": ds_resolved, "flops": flops, "start": start, "checkpoint": checkpoint,
+    }
+
+
+def describe(cfg: Config, p: dict) -> str:
+    t, w = cfg.train, p["world"]
+    eval_at = "end of every epoch" if t.eval_every == "epoch" else f"every {t.eval_every} steps"
+    save_at = {None: "only when stopped by a signal", "epoch": "end of every epoch"}.get(
+        t.save_every, f"every {t.save_every} steps")
+    start = {"fresh": "fresh start", "finished": "already finished (nothing to do)"}.get(
+        p["start"], f"resume from {p['checkpoint']}")
+    lines = [
+        f"world size      {w.nodes} node(s) x {w.processes // w.nodes} process(es) = {w.processes} processes  [{w.source}]",
+        f"precision       {w.mixed_precision}" + (f", DeepSpeed {w.deepspeed_json}" if w.deepspeed_json else ", DDP"),
+        f"batch           {t.per_device_batch_size} per device x {t.grad_accum_steps} accumulation x {w.processes} = {p['global_batch']} per optimizer step",
+        f"data            {cfg.data.dataset}: train {p['train_examples']}, eval {p['eval_examples']}, max_length {cfg.data.max_length}",
+        f"steps           {p['steps_per_epoch']} per epoch, {p['total_steps']} in total ({p['epochs']:.2f} epochs), warmup {p['warmup']}",
+        f"evaluation      {eval_at} and at the end",
+        f"checkpoints     {save_at}, keep {t.keep_last}" + (f", best by {t.best_metric}" if t.best_metric else ""),
+        f"output          {t.output_dir}: {start}",
+    ]
+    if p["flops"]:
+        f = p["flops"]
+        lines.append(f"model           {f['parameters'] / 1e6:.1f}M parameters ({f['non_embedding_parameters'] / 1e6:.1f}M non-embedding)")
+        lines.append(f"training FLOPs  <= {f['training_flops_upper_bound']:.3e} ({f['flops_per_token'] / 1e9:.3f} GFLOP per token, every example at max_length)")
+    else:
+        lines.append("training FLOPs  unknown (the model's config is not available offline)")
+    if p["deepspeed"] is not None:
+        import json
+
+        lines.append("deepspeed       " + json.dumps(p["deepspeed"], indent=2).replace("\n", "\n                "))
+    return "\n".join(lines)
+
+
+def get_value(cfg: Config, key: str) -> str:
+    section, _, name = key.partition(".")
+    values = cfg.to_dict().get(section)
+    if not isinstance(values, dict) or name not in values:
+        raise BadInput(f"--get {key}: no such config key")
+    value = values[name]
+    return "" if value is None else str(value)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One node's part of a harness job: started by `srun` once per node (see train_*.sbatch), never by hand.
+#
+#   srun --ntasks-per-node=1 bash slurm/launch_node.sh CONFIG [KEY=VALUE ...]
+#
+# Every value that differs between nodes is read HERE, inside the task on that node: a $SLURM_NODEID
+# expanded once on the submitting node would make every node believe it is rank 0 (the rendezvous then
+# times out). Environment: LAUNCH_CONFIG (accelerate config), GPUS_PER_NODE, MAIN_PORT.
+set -euo pipefail
+
+CONFIG=${1:?usage: launch_node.sh CONFIG [KEY=VALUE ...]}
+shift
+LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch_configs/accelerate/multi_gpu.yaml}
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+NODE_RANK=${SLURM_NODEID:?launch_node.sh runs inside a Slurm task (SLURM_NODEID is unset)}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
+MAIN_PORT=${MAIN_PORT:-29500}
+
+launch=(accelerate launch --config_file "$LAUNCH_CONFIG"
+        --num_machines "$NNODES" --num_processes $((NNODES * GPUS_PER_NODE))
+        --machine_rank "$NODE_RANK" --main_process_ip "$HEAD_NODE" --main_process_port "$MAIN_PORT"
+        -m harness train --config "$CONFIG" "$@")
+echo "node $NODE_RANK ($(hostname)): ${launch[*]}"
+
+# The launcher dies on SIGUSR1; the training processes (its children) checkpoint and exit 0 on it.
+# shellcheck disable=SC2317  # called from the traps below
+forward() { pkill "-$1" -P "$launcher" 2>/dev/null || true; }
+"${launch[@]}" &
+launcher=$!
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+status=0
+while true; do
+  wait "$launcher" && status=0 || status=$?
+  kill -0 "$launcher" 2>/dev/null || break   # wait returned because of a trapped signal: keep waiting
+done
+exit "$status"

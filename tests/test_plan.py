@@ -1,0 +1,105 @@
+"""`harness plan`: sizes, steps and the resolved DeepSpeed config without starting anything."""
+
+import json
+
+import pytest
+
+from harness.cli import main
+from tests.conftest import REPO, write_config
+
+LAUNCH = sorted((REPO / "launch_configs" / "accelerate").glob("*.yaml"))
+
+
+def plan(capsys, *argv):
+    code = main(["plan", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("launch", LAUNCH, ids=lambda p: p.name)
+def test_quickstart_plans_on_every_launch_config(launch, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    for var in ("SLURM_JOB_ID", "SLURM_JOB_NUM_NODES", "SLURM_GPUS_ON_NODE"):
+        monkeypatch.delenv(var, raising=False)
+    code, out, err = plan(capsys, "--config", "configs/quickstart.yaml", "--launch-config", str(launch),
+                          f"train.output_dir={tmp_path / 'q'}")
+    assert code == 0, err
+    assert "steps" in out and "train 1024 of 4000" in out
+    assert ("DeepSpeed" in out) == ("deepspeed" in launch.name)
+
+
+def test_reference_recipe_on_two_nodes_of_eight_gpus_with_zero2(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    code, out, err = plan(capsys, "--config", "configs/bert_base_imdb.yaml",
+                          "--launch-config", "launch_configs/accelerate/deepspeed_zero2.yaml",
+                          "data.train_samples=25000", "data.eval_samples=25000", f"train.output_dir={tmp_path / 'b'}")
+    assert code == 0, err
+    assert "2 node(s) x 8 process(es) = 16 processes  [Slurm job 77]" in out
+    assert "8 per device x 1 accumulation x 16 = 128 per optimizer step" in out
+    assert "196 per epoch, 588 in total (3.00 epochs), warmup 500" in out
+    ds = json.loads(out.split("deepspeed       ", 1)[1])
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["bf16"]["enabled"]) == (128, 8, True)
+
+
+def test_command_line_world_size_and_get(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    code, out, _ = plan(capsys, "--config", "configs/quickstart.yaml", "--nodes", "2", "--gpus-per-node", "4",
+                        f"train.output_dir={tmp_path / 'q'}")
+    assert code == 0 and "2 node(s) x 4 process(es) = 8 processes  [command line]" in out
+    code, out, _ = plan(capsys, "--config", "configs/quickstart.yaml", "--get", "train.output_dir")
+    assert code == 0 and out.strip() == "outputs/quickstart"
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["train.warmup_steps=100"], "train.warmup_steps=100 is longer than the run (16 optimizer steps)"),
+        (["train.save_every=50"], "train.save_every=50 is longer than the run (16 optimizer steps): no checkpoint would be written"),
+        (["--nodes", "8", "--gpus-per-node", "8"], "global batch 256 (per-device 4 x accumulation 1 x 64 processes) is larger than the training set (64)"),
+    ],
+)
+def test_what_would_break_a_long_job_late_is_refused(extra, fragment, capsys, monkeypatch, tmp_path, tiny_model):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "out", train={"epochs": 1})
+    code, _, err = plan(capsys, "--config", str(cfg), *extra)
+    assert code == 2 and err.strip() == f"harness: error: {fragment}"
+
+
+def test_a_contradicting_deepspeed_json_and_an_uneven_launch_config(capsys, monkeypatch, tmp_path, tiny_model):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "out")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5}))
+    launch = tmp_path / "launch.yaml"
+    launch.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds}\nnum_processes: 2\n")
+    code, _, err = plan(capsys, "--config", str(cfg), "--launch-config", str(launch))
+    assert code == 2 and err.strip() == f"harness: error: {ds}: gradient_clipping=0.5 contradicts train.max_grad_norm=1.0; set it to \"auto\" or make them agree"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}))
+    code, _, err = plan(capsys, "--config", str(cfg), "--launch-config", str(launch))
+    assert code == 2 and "defines its own 'optimizer'" in err
+    launch.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nnum_processes: 3\n")
+    code, _, err = plan(capsys, "--config", str(cfg), "--launch-config", str(launch))
+    assert code == 2 and "num_processes=3 does not divide over num_machines=2" in err
+
+
+def test_an_output_folder_holding_another_run_is_refused(capsys, monkeypatch, tmp_path, tiny_model):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, out)
+    (out / "config.yaml").write_text("train:\n  lr: 0.5\n")
+    code, _, err = plan(capsys, "--config", str(cfg))
+    assert code == 2 and "holds a run of a different config" in err
+
+
+def test_an_unreachable_hub_dataset_says_how_to_plan_without_it(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, _, err = plan(capsys, "--config", "configs/bert_base_imdb.yaml")
+    assert code == 2 and "set data.train_samples and data.eval_samples" in err
