@@ -28,7 +28,7 @@ COMPLETE = "COMPLETE.json"
 PROGRESS = "progress.json"
 # Keys that change how a run is driven or recorded, not what it trains: a resume may change them.
 _NEUTRAL_KEYS = {
-    ("train", k) for k in ("output_dir", "overwrite", "log_every", "eval_batch_size", "save_every", "keep_last", "resume", "best_metric")
+    ("train", k) for k in ("output_dir", "overwrite", "log_every", "eval_batch_size", "save_every", "keep_last", "resume", "best_metric", "peak_flops")
 } | {("data", "num_workers")}
 
 
@@ -244,7 +244,7 @@ def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] 
         shutil.rmtree(tmp, ignore_errors=True)
         # save_original_format=False: keep the parameter names as they are (LayerNorm.weight), not the legacy
         # names (LayerNorm.gamma) that transformers 5 writes back for models it loaded through a renaming.
-        accelerator.unwrap_model(model).save_pretrained(
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
             tmp, state_dict=state_dict, safe_serialization=True, save_original_format=False
         )
         tokenizer.save_pretrained(tmp)

@@ -42,6 +42,9 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     max_length: int = 512
+    truncation: str = "head"
+    """`head` keeps the first max_length tokens; `head_tail` keeps the first quarter and the end of long texts
+    (Sun et al., 2019: better on IMDb, where reviews often conclude at the end)."""
     train_samples: Optional[int] = None
     """Stratified, seeded subset of the training split (None: all of it)."""
     eval_samples: Optional[int] = None
@@ -78,6 +81,10 @@ class TrainConfig:
     """Resumable checkpoints kept (the newest complete ones)."""
     best_metric: Optional[str] = None
     """Keep OUTPUT_DIR/best/ as the model of the best evaluation by this metric (accuracy, f1, precision, recall, loss)."""
+    compile: bool = False
+    """torch.compile the model; batches are then padded to multiples of 64 so few shapes are compiled."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device for the MFU figure (built in for A100, H100, H200 in bf16)."""
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint if any; `none`: refuse an existing run; or a checkpoint path."""
 
@@ -235,6 +242,7 @@ def validate(cfg: Config) -> None:
     for name in ("train_samples", "eval_samples"):
         v = getattr(d, name)
         need(v is None or v > 0, f"data.{name} must be positive, got {v}")
+    need(d.truncation in ("head", "head_tail"), f"data.truncation must be head or head_tail, got {d.truncation!r}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")
@@ -249,6 +257,7 @@ def validate(cfg: Config) -> None:
         f"train.warmup_steps must be a whole number of steps or a fraction below 1, got {t.warmup_steps}",
     )
     need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    need(t.peak_flops is None or t.peak_flops > 0, f"train.peak_flops must be positive, got {t.peak_flops}")
     need(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
     need(
         t.eval_every == "epoch" or (isinstance(t.eval_every, int) and t.eval_every >= 1),

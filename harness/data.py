@@ -185,11 +185,28 @@ def subset(ds: Dataset, n: Optional[int], label_column: str, seed: int) -> Datas
 
 
 def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
-    """input_ids / attention_mask / labels / length; no padding here (the collator pads per batch)."""
+    """input_ids / attention_mask / labels / length; no padding here (the collator pads per batch).
+
+    `head_tail` keeps the first quarter of the budget from the start of a long text and the rest from its
+    end (128 + 382 tokens at max_length 512, Sun et al. 2019); shorter texts are unchanged.
+    """
     text_col, label_col, max_length = cfg.text_column, cfg.label_column, cfg.max_length
+    # The special tokens around one sequence ([CLS] ... [SEP] for BERT), read off an encoded sample.
+    inner = tokenizer("a", add_special_tokens=False)["input_ids"]
+    outer = tokenizer("a")["input_ids"]
+    at = next(i for i in range(len(outer)) if outer[i : i + len(inner)] == inner)
+    prefix, suffix = outer[:at], outer[at + len(inner) :]
+    budget = max_length - len(prefix) - len(suffix)
+    head = budget // 4
 
     def encode(batch):
-        enc = tokenizer(batch[text_col], truncation=True, max_length=max_length, return_token_type_ids=False)
+        if cfg.truncation == "head":
+            enc = tokenizer(batch[text_col], truncation=True, max_length=max_length, return_token_type_ids=False)
+        else:
+            pieces = tokenizer(batch[text_col], add_special_tokens=False, return_attention_mask=False,
+                               return_token_type_ids=False)["input_ids"]
+            ids = [prefix + (p if len(p) <= budget else p[:head] + p[len(p) - (budget - head) :]) + suffix for p in pieces]
+            enc = {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
         enc["labels"] = batch[label_col]
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return enc

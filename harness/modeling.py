@@ -77,8 +77,8 @@ def load_trained(model_dir: str | Path):
     return model, tokenizer
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and normalization weights."""
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and normalization weights; `fused`: one kernel per step (CUDA)."""
     no_decay = set()
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
@@ -89,7 +89,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
             continue
         (rest if name.endswith("bias") or id(p) in no_decay else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -107,6 +107,26 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+# Dense bf16 peak FLOP/s of one device, for MFU (vendor figures, without sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def peak_flops(configured: float | None) -> float | None:
+    if configured:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def flops_per_token(model: nn.Module):
+    """Training FLOPs per real token as a function of sequence length: 6 x non-embedding parameters
+    (forward and backward matmuls) + 12 x layers x hidden x sequence length (attention scores)."""
+    embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in embedding)
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    return lambda seq_len: 6 * non_embedding + 12 * layers * hidden * seq_len
 

@@ -11,6 +11,7 @@ only the few places that write files check for the main process.
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from harness.data import Collator, StepBatchSampler, build_split
 from harness.distributed import StopFlag, build_accelerator, configure_deepspeed, deepspeed_requested
 from harness.errors import BadInput
 from harness.evaluation import eval_dataloader, evaluate
-from harness.modeling import build_optimizer, linear_schedule, load_model, load_tokenizer
+from harness.modeling import build_optimizer, flops_per_token, linear_schedule, load_model, load_tokenizer, peak_flops
 
 
 class MetricsLog:
@@ -67,9 +68,14 @@ def train(cfg: Config) -> dict:
     t, d = cfg.train, cfg.data
     out = Path(t.output_dir)
     accelerator = build_accelerator(t.grad_accum_steps)
-    start, checkpoint = plan_start(cfg, warn=accelerator.print)
+
+    def say(message: str) -> None:  # once per job, not once per node
+        if accelerator.is_main_process:
+            print(message, flush=True)
+
+    start, checkpoint = plan_start(cfg, warn=say)
     if start == "finished":
-        accelerator.print(f"{out} already holds a finished run of this config ({out / 'final'}); nothing to do")
+        say(f"{out} already holds a finished run of this config ({out / 'final'}); nothing to do")
         return {}
     accelerator.wait_for_everyone()  # every rank has looked at output_dir before the main process writes there
     if accelerator.is_main_process:
@@ -84,7 +90,8 @@ def train(cfg: Config) -> dict:
     with accelerator.local_main_process_first():
         train_ds = build_split(d, d.train_split, tokenizer, d.train_samples, t.seed, cfg.model.label_names, cfg.model.num_labels)
         eval_ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, t.seed, cfg.model.label_names, cfg.model.num_labels)
-    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    # Compiled graphs are specialised to shapes: pad to multiples of 64 so at most max_length/64 are built.
+    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, 64 if t.compile else 8)
     sampler = StepBatchSampler(
         train_ds["length"], t.per_device_batch_size, t.grad_accum_steps,
         accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length,
@@ -106,7 +113,12 @@ def train(cfg: Config) -> dict:
     warmup = warmup_steps_for(t, total_steps)
 
     model = load_model(cfg.model)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay)
+    model_flops = flops_per_token(model)
+    device_peak = peak_flops(t.peak_flops)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay,
+                                fused=accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None)
+    if t.compile:
+        model = torch.compile(model, dynamic=False)
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     configure_deepspeed(accelerator, t)
     model, optimizer, scheduler, eval_dl = accelerator.prepare(model, optimizer, scheduler, eval_dl)
@@ -117,11 +129,11 @@ def train(cfg: Config) -> dict:
     if checkpoint:
         check_world_size_change(state, accelerator)
         load_state(accelerator, checkpoint)
-        accelerator.print(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
+        say(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
                           f"{state.position} of {len(train_ds)} examples of the epoch done")
 
     log = MetricsLog(out, accelerator.is_main_process, resume_step=state.step if checkpoint else None)
-    accelerator.print(
+    say(
         f"train: {len(train_ds)} examples, eval: {len(eval_ds)}; {accelerator.num_processes} process(es) x "
         f"batch {t.per_device_batch_size} x accumulation {t.grad_accum_steps} = {sampler.global_batch} per step; "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup}"
@@ -134,7 +146,7 @@ def train(cfg: Config) -> dict:
     def evaluate_and_keep_best(step: int) -> dict:
         metrics = evaluate(model, eval_dl, accelerator, cfg.model.num_labels)
         log.log(step, {f"eval/{k}": v for k, v in metrics.items()})
-        accelerator.print(f"step {step}: " + ", ".join(
+        say(f"step {step}: " + ", ".join(
             f"eval {k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         if t.best_metric is not None:
             value, higher = metrics[t.best_metric], BEST_METRICS[t.best_metric]
@@ -145,7 +157,7 @@ def train(cfg: Config) -> dict:
 
     stop = StopFlag().install()
     step, last_eval_step, metrics = state.step, -1, {}
-    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     loss_sum = torch.zeros((), device=accelerator.device)
     micro_batches = samples = real_tokens = padded_tokens = 0
     grad_norm = None
@@ -188,7 +200,11 @@ def train(cfg: Config) -> dict:
                     "train/tokens_per_s": totals[3] / elapsed,
                     "train/padding_fraction": 1 - totals[3] / totals[4],
                     "train/samples_seen": state.samples_seen,
+                    "train/peak_mem_mb": peak_memory_mb(accelerator.device),
                 }
+                if device_peak:  # model FLOPs utilisation on real (non-padding) tokens
+                    seq_len = totals[4] / totals[2]
+                    record["train/mfu"] = model_flops(seq_len) * record["train/tokens_per_s"] / (device_peak * accelerator.num_processes)
                 if grad_norm is not None:
                     record["train/grad_norm"] = float(grad_norm)
                 log.log(step, record)
@@ -202,7 +218,7 @@ def train(cfg: Config) -> dict:
                 last_eval_step = step
             if stop.should_stop(accelerator):
                 path = save(state)
-                accelerator.print(f"stopped by a signal at step {step}; resumable checkpoint: {path}")
+                say(f"stopped by a signal at step {step}; resumable checkpoint: {path}")
                 progress.close()
                 log.close()
                 stop.uninstall()
@@ -226,10 +242,16 @@ def train(cfg: Config) -> dict:
     save_model(accelerator, model, tokenizer, out / "final", extra=metrics)
     log.close()
     stop.uninstall()
-    accelerator.print(f"saved {out / 'final'}")
-    accelerator.print(json.dumps(metrics))
+    say(f"saved {out / 'final'}")
+    say(json.dumps(metrics))
     accelerator.end_training()
     return metrics
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def check_world_size_change(state: Progress, accelerator) -> None:

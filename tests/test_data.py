@@ -202,3 +202,18 @@ def test_tokenize_truncates_and_records_lengths(tiny_model):
     out = tokenize(ds, tok, DataConfig(max_length=16))
     assert out["length"] == [3, 16]
     assert set(out.column_names) == {"input_ids", "attention_mask", "labels", "length"}
+
+
+def test_head_tail_truncation_keeps_the_start_and_the_end(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    words = " ".join(f"x{i}" for i in range(300))
+    ds = Dataset.from_dict({"text": ["a short review", words], "label": [0, 1]})
+    head = tokenize(ds, tok, DataConfig(max_length=32))
+    both = tokenize(ds, tok, DataConfig(max_length=32, truncation="head_tail"))
+    assert head[0]["input_ids"] == both[0]["input_ids"], "short texts are unchanged"
+    ids = both[1]["input_ids"]
+    assert len(ids) == 32 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    full = tok(words, add_special_tokens=False)["input_ids"]
+    assert ids[1:8] == full[:7] and ids[8:-1] == full[-23:], "first quarter of the budget from the start, the rest from the end"

@@ -11,7 +11,8 @@ from tests.conftest import harness, ok, write_config
 def trained(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("roundtrip")
     out = tmp / "run"
-    cfg = write_config(tmp / "c.yaml", tiny_model, out, data={"train_samples": 96}, train={"epochs": 2, "lr": 3e-3})
+    cfg = write_config(tmp / "c.yaml", tiny_model, out, data={"train_samples": 96},
+                       train={"epochs": 2, "lr": 3e-3, "peak_flops": 1e12})
     result = ok(harness("train", "--config", str(cfg)))
     return cfg, out, result
 
@@ -24,6 +25,7 @@ def test_train_writes_config_metrics_tensorboard_and_an_hf_model(trained):
     train = [r for r in records if "train/loss" in r]
     assert len(train) == 48 and all(r["train/tokens_per_s"] > 0 for r in train)
     assert 0 <= train[0]["train/padding_fraction"] < 1
+    assert all(0 < r["train/mfu"] < 1 and r["train/peak_mem_mb"] > 0 for r in train), "MFU against train.peak_flops"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     final = json.loads((out / "final" / "eval_results.json").read_text())
     assert final["num_examples"] == 41

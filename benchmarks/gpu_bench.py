@@ -1,0 +1,122 @@
+"""bert-base throughput and MFU of `harness train` on one NVIDIA GPU, offline (run by benchmarks/gpu.sh).
+
+Builds a bert-base-uncased-sized classifier from BertConfig (random weights: speed does not depend on
+them), a WordPiece tokenizer whose words are single tokens, and 25,000 synthetic reviews whose token
+lengths follow a log-normal fitted to IMDb (median 237, mean 319 WordPiece tokens), then trains with
+harness at max_length 512 in bf16, with and without torch.compile, and prints tokens/s and MFU
+(train/mfu of harness: 6 x non-embedding params + 12 x layers x hidden x seq_len FLOPs per real token,
+over the card's dense bf16 peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_assets(root: Path, examples: int, seed: int = 0) -> tuple[Path, Path]:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    model_dir, data_dir = root / "bert-base-random", root / "data"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    words = [f"w{i}" for i in range(30522 - 5)]
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt"))
+    tok.save_pretrained(model_dir)
+    torch.manual_seed(seed)
+    BertForSequenceClassification(BertConfig(num_labels=2)).save_pretrained(model_dir)  # bert-base-uncased shape
+
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    sigma = math.sqrt(2 * math.log(319 / 237))  # mean / median of a log-normal = exp(sigma^2 / 2)
+    for split, n in (("train", examples), ("test", 512)):
+        lengths = np.clip(rng.lognormal(math.log(237), sigma, size=n).astype(int), 8, 3000)
+        texts = [" ".join(words[j] for j in rng.integers(0, len(words), size=k)) for k in lengths]
+        pd.DataFrame({"text": texts, "label": rng.integers(0, 2, size=n)}).to_parquet(data_dir / f"{split}.parquet")
+    return model_dir, data_dir
+
+
+def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, compile_: bool, warmup: int,
+        peak_flops: float | None = None) -> dict:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from harness.config import load_config
+    from harness.trainer import train
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    cfg = load_config(None, [
+        f"model.name_or_path={model_dir}", "model.num_labels=2", f"data.dataset={data_dir}", "data.max_length=512",
+        "data.eval_samples=256", "data.num_workers=2", f"train.output_dir={out}", f"train.max_steps={steps}",
+        f"train.per_device_batch_size={batch}", "train.lr=2e-5", "train.warmup_steps=0.1", "train.log_every=10",
+        f"train.eval_every={10 * steps}", f"train.compile={str(compile_).lower()}",
+        *([f"train.peak_flops={peak_flops}"] if peak_flops else []),
+    ])
+    t0 = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - t0
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/mfu" in r]
+    timed = [r for r in records if r["step"] > warmup]
+    return {
+        "batch": batch, "compile": compile_, "steps": steps, "wall_s": round(wall, 1),
+        "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in timed),
+        "samples_per_s": statistics.median(r["train/samples_per_s"] for r in timed),
+        "mfu": statistics.median(r["train/mfu"] for r in timed),
+        "padding_fraction": statistics.median(r["train/padding_fraction"] for r in timed),
+        "peak_mem_mb": max(r["train/peak_mem_mb"] for r in timed),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--examples", type=int, default=25000)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=50, help="steps excluded from the medians (compilation, warm-up)")
+    p.add_argument("--batches", default="32,8")
+    p.add_argument("--compile", default="0,1", help="compile modes to run: 0 (off), 1 (on)")
+    p.add_argument("--peak-flops", type=float, help="override the card's peak (needed off the known GPUs)")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device: {device}, torch {torch.__version__}", flush=True)
+    root = Path(tempfile.mkdtemp())
+    t0 = time.perf_counter()
+    model_dir, data_dir = build_assets(root, args.examples)
+    print(f"assets built in {time.perf_counter() - t0:.0f} s", flush=True)
+    results = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        for compile_ in (m == "1" for m in args.compile.split(",")):
+            r = run(model_dir, data_dir, root / f"run-b{batch}-c{int(compile_)}", batch, args.steps, compile_,
+                    args.warmup, args.peak_flops)
+            results.append(r)
+            print("RESULT " + json.dumps(r), flush=True)
+            Path(args.out, "gpu_results.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
+    print("\n| batch | compile | samples/s | real tokens/s | MFU | padding | peak memory (MB) | wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['batch']} | {'yes' if r['compile'] else 'no'} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
+              f"{r['mfu']:.1%} | {r['padding_fraction']:.1%} | {r['peak_mem_mb']:.0f} | {r['wall_s']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

