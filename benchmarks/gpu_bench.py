@@ -58,6 +58,9 @@ def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, comp
     from harness.config import load_config
     from harness.trainer import train
 
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()  # each run reports its own peak
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     cfg = load_config(None, [

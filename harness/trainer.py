@@ -118,7 +118,7 @@ def train(cfg: Config) -> dict:
     optimizer = build_optimizer(model, t.lr, t.weight_decay,
                                 fused=accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None)
     if t.compile:
-        model = torch.compile(model, dynamic=False)
+        model = torch.compile(model)  # static first, then one dynamic-length graph: few recompiles
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     configure_deepspeed(accelerator, t)
     model, optimizer, scheduler, eval_dl = accelerator.prepare(model, optimizer, scheduler, eval_dl)
