@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._children import report, run_child  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb-sample"
 SYSTEMS = ("trainer", "harness", "harness_headtail")
 
@@ -108,20 +111,14 @@ def main(argv=None) -> int:
             result = run_trainer(args)
         else:
             result = run_harness(args, "head_tail" if args.child == "harness_headtail" else "head")
-        print("RESULT " + json.dumps(result), flush=True)
+        report(result)
         return 0
     child_args = [f"--model={args.model}", f"--data={args.data}", f"--train-samples={args.train_samples}",
                   f"--epochs={args.epochs}", f"--max-length={args.max_length}", f"--batch={args.batch}",
                   f"--lr={args.lr}", f"--attn={args.attn}"]
     results = {}
     for system in (s for s in args.systems.split(",") if s):
-        proc = subprocess.run([sys.executable, __file__, *child_args, "--child", system], cwd=REPO,
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-            raise SystemExit(f"{system} failed (exit {proc.returncode})")
-        results[system] = json.loads(line[len("RESULT "):])
+        results[system] = run_child(__file__, child_args, system)
         print(f"{system}: {results[system]}", flush=True)
     print(f"\n{args.model}, {args.train_samples} training reviews, {args.epochs} epochs, max_length {args.max_length}, "
           f"batch {args.batch}, lr {args.lr}, bf16; scored on the whole test file")

@@ -23,13 +23,16 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._children import report, run_child  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb-sample"
 SYSTEMS = ("seed", "trainer", "harness")
 
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         result = run_harness(args) if args.child == "harness" else run_trainer(args, best=args.child == "trainer")
-        print("RESULT " + json.dumps(result), flush=True)
+        report(result)
         return 0
 
     systems = [s for s in args.systems.split(",") if s]
@@ -174,13 +177,7 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds):
         for system in systems:
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, *child_args, "--child", system], cwd=REPO,
-                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-                raise SystemExit(f"{system} failed (exit {proc.returncode})")
-            runs[system].append(json.loads(line[len("RESULT "):]))
+            runs[system].append(run_child(__file__, child_args, system))
             r = runs[system][-1]
             print(f"round {rnd + 1} {system:8s} {r['samples_per_s']:7.2f} samples/s  {r['tokens_per_s']:8.1f} tokens/s  "
                   f"({time.perf_counter() - t0:.0f} s wall)", flush=True)

@@ -93,12 +93,18 @@ def configure_deepspeed(accelerator: Accelerator, t: TrainConfig) -> None:
     source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     written = read_deepspeed_json(source) if source != "none" else plugin.deepspeed_config
     name = source if source != "none" else "the DeepSpeed config of the launch config"
-    for dotted, value in deepspeed_values(written, name, t, accelerator.num_processes).items():
-        section = plugin.deepspeed_config
+    fill_deepspeed(plugin.deepspeed_config, deepspeed_values(written, name, t, accelerator.num_processes))
+
+
+def fill_deepspeed(config: dict, values: dict) -> dict:
+    """Write dotted keys (`zero_optimization.stage`) into a DeepSpeed config dict, in place."""
+    for dotted, value in values.items():
+        section = config
         *parents, key = dotted.split(".")
         for parent in parents:
             section = section.setdefault(parent, {})
         section[key] = value
+    return config
 
 
 class StopFlag:

@@ -11,6 +11,7 @@ It fails with a one-line error on what would break a long job late.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import yaml
 from harness.checkpoint import plan_start
 from harness.config import Config, warmup_steps_for
 from harness.data import load_split, steps_in_epoch
-from harness.distributed import deepspeed_values, read_deepspeed_json
+from harness.distributed import deepspeed_values, fill_deepspeed, read_deepspeed_json
 from harness.errors import BadInput
 
 
@@ -116,13 +117,8 @@ def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] 
     ds_resolved = None
     if world.deepspeed_json:
         written = read_deepspeed_json(world.deepspeed_json)
-        ds_resolved = dict(written)
-        for dotted, value in deepspeed_values(written, world.deepspeed_json, t, world.processes).items():
-            section = ds_resolved
-            *parents, key = dotted.split(".")
-            for parent in parents:
-                section = section.setdefault(parent, {})
-            section[key] = value
+        ds_resolved = fill_deepspeed(json.loads(json.dumps(written)),
+                                     deepspeed_values(written, world.deepspeed_json, t, world.processes))
         for key in ("bf16", "fp16"):
             if isinstance(ds_resolved.get(key), dict) and ds_resolved[key].get("enabled") == "auto":
                 ds_resolved[key] = {**ds_resolved[key], "enabled": world.mixed_precision == key}
@@ -181,8 +177,6 @@ def describe(cfg: Config, p: dict) -> str:
     else:
         lines.append("training FLOPs  unknown (the model's config is not available offline)")
     if p["deepspeed"] is not None:
-        import json
-
         lines.append("deepspeed       " + json.dumps(p["deepspeed"], indent=2).replace("\n", "\n                "))
     return "\n".join(lines)
 

@@ -130,7 +130,7 @@ def train(cfg: Config) -> dict:
         check_world_size_change(state, accelerator)
         load_state(accelerator, checkpoint)
         say(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
-                          f"{state.position} of {len(train_ds)} examples of the epoch done")
+            f"{state.position} of {len(train_ds)} examples of the epoch done")
 
     log = MetricsLog(out, accelerator.is_main_process, resume_step=state.step if checkpoint else None)
     say(
