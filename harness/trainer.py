@@ -141,7 +141,10 @@ def train(cfg: Config) -> dict:
 
     def save(progress: Progress) -> Path:
         progress.world_size, progress.global_batch = accelerator.num_processes, sampler.global_batch
-        return save_checkpoint(accelerator, out, progress, t.keep_last)
+        tic = time.perf_counter()
+        path = save_checkpoint(accelerator, out, progress, t.keep_last)
+        say(f"checkpoint {path} written in {time.perf_counter() - tic:.2f} s")
+        return path
 
     def evaluate_and_keep_best(step: int) -> dict:
         metrics = evaluate(model, eval_dl, accelerator, cfg.model.num_labels)
