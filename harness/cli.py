@@ -99,6 +99,7 @@ def run_evaluate(args) -> dict:
     metrics = evaluate(model, dl, accelerator, num_labels)
     if accelerator.is_main_process:
         (model_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"evaluated {metrics['num_examples']} examples on {accelerator.num_processes} process(es)", file=sys.stderr)
         print(json.dumps(metrics), flush=True)
     accelerator.end_training()
     return metrics

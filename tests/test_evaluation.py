@@ -22,15 +22,31 @@ def test_a_class_never_predicted_scores_zero_not_nan():
     assert m["precision"] == pytest.approx(0.25) and m["recall"] == pytest.approx(0.5)
 
 
-def test_two_ranks_evaluate_every_example_once_with_the_same_metrics(tmp_path, tiny_model):
+@pytest.fixture
+def decisive_model(tiny_model, tmp_path):
+    """The tiny model with a 100x classifier: a random model's logits are near ties, and 1 vs 2 processes
+    (2 threads vs 1) may round a tie either way; these predictions are far from any tie."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.classifier.weight.mul_(100)
+    model.save_pretrained(tmp_path / "decisive")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "decisive")
+    return tmp_path / "decisive"
+
+
+def test_two_ranks_evaluate_every_example_once_with_the_same_metrics(tmp_path, decisive_model):
     """41 examples, batch 4 per rank: Accelerate pads the last round with repeats, which must be dropped."""
-    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "unused",
+    cfg = write_config(tmp_path / "c.yaml", decisive_model, tmp_path / "unused",
                        data={"eval_samples": 41}, train={"eval_batch_size": 4})
-    one = json.loads(ok(harness("evaluate", "--model", str(tiny_model), "--config", str(cfg))).stdout.strip().splitlines()[-1])
-    r = ok(harness("evaluate", "--model", str(tiny_model), "--config", str(cfg), procs=2))
+    one = json.loads(ok(harness("evaluate", "--model", str(decisive_model), "--config", str(cfg))).stdout.strip().splitlines()[-1])
+    r = ok(harness("evaluate", "--model", str(decisive_model), "--config", str(cfg), procs=2))
+    assert "evaluated 41 examples on 2 process(es)" in r.stderr, "the launch really started two ranks"
     two = json.loads(r.stdout.strip().splitlines()[-1])
     assert one["num_examples"] == two["num_examples"] == 41
     for key in ("accuracy", "f1", "precision", "recall"):
         assert one[key] == two[key], key
-    assert one["loss"] == pytest.approx(two["loss"], abs=1e-6)
-    assert json.loads((tiny_model / "eval_results.json").read_text())["num_examples"] == 41
+    assert 0 < one["accuracy"] < 1, "both classes predicted: the comparison is not trivial"
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert json.loads((decisive_model / "eval_results.json").read_text())["num_examples"] == 41
