@@ -25,7 +25,6 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=8000)
     args = p.parse_args()
     os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from harness.config import load_config

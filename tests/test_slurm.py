@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import CPU_LAUNCH, REPO, free_port, ok, write_config
+from tests.conftest import CPU_LAUNCH, REPO, free_port, write_config
 
 SLURM = REPO / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sbatch")) + sorted(SLURM.glob("*.sh"))
