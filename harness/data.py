@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset, load_dataset
 
 from harness.config import DataConfig
-from harness.errors import BadInput
+from harness.errors import BadInput, first_line
 
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 
@@ -71,16 +71,14 @@ def _load_source(source: str, split: str) -> Dataset:
     try:
         return load_dataset(source, split=split)
     except Exception as e:  # hub errors come in many types; all mean "cannot use this dataset"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"cannot load dataset '{source}' split '{split}': {first}") from None
+        raise BadInput(f"cannot load dataset '{source}' split '{split}': {first_line(e)}") from None
 
 
 def _load_file(path: Path) -> Dataset:
     try:
         return load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"cannot read data file {path}: {first}") from None
+        raise BadInput(f"cannot read data file {path}: {first_line(e)}") from None
 
 
 def load_aclimdb(split_dir: Path) -> Dataset:

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from harness.config import ModelConfig
-from harness.errors import BadInput
+from harness.errors import BadInput, first_line
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -29,17 +29,12 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(module.get_model_path())
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     path = resolve_model_path(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise BadInput(f"cannot load tokenizer from '{name_or_path}': {_first_line(e)}") from None
+        raise BadInput(f"cannot load tokenizer from '{name_or_path}': {first_line(e)}") from None
 
 
 def load_model(cfg: ModelConfig, name_or_path: str | None = None):
@@ -61,7 +56,7 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None):
                 raise
             return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager", **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
-        raise BadInput(f"cannot load model from '{source}': {_first_line(e)}") from None
+        raise BadInput(f"cannot load model from '{source}': {first_line(e)}") from None
 
 
 def load_trained(model_dir: str | Path):
@@ -73,7 +68,7 @@ def load_trained(model_dir: str | Path):
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise BadInput(f"cannot load model from {model_dir}: {_first_line(e)}") from None
+        raise BadInput(f"cannot load model from {model_dir}: {first_line(e)}") from None
     return model, tokenizer
 
 

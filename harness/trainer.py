@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from harness.checkpoint import Progress, clear_run, plan_start, read_progress, s
 from harness.config import BEST_METRICS, Config, warmup_steps_for
 from harness.data import Collator, StepBatchSampler, build_split
 from harness.distributed import StopFlag, build_accelerator, configure_deepspeed, deepspeed_requested
-from harness.errors import BadInput
+from harness.errors import BadInput, first_line
 from harness.evaluation import eval_dataloader, evaluate
 from harness.modeling import build_optimizer, flops_per_token, linear_schedule, load_model, load_tokenizer, peak_flops
 
@@ -34,16 +33,14 @@ class MetricsLog:
     """`metrics.jsonl` and TensorBoard, written by the main process only (one event file per run)."""
 
     def __init__(self, out: Path, enabled: bool, resume_step: int | None):
-        """A fresh run starts empty; a resumed one drops records past its checkpoint (they will be redone)."""
+        """A resumed run drops records past its checkpoint (they will be redone); a fresh run's folder was
+        already emptied by `clear_run`."""
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
         self.path = out / "metrics.jsonl"
-        if resume_step is None:
-            shutil.rmtree(out / "tensorboard", ignore_errors=True)
-            self.path.unlink(missing_ok=True)
-        elif self.path.is_file():
+        if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
@@ -270,5 +267,4 @@ def load_state(accelerator, checkpoint: Path) -> None:
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as e:  # a file that passed the size check but does not parse
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"checkpoint {checkpoint} cannot be loaded: {first}") from None
+        raise BadInput(f"checkpoint {checkpoint} cannot be loaded: {first_line(e)}") from None
