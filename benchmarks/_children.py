@@ -11,9 +11,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def child_env() -> dict:
+    """The parent's environment with the repository put first on PYTHONPATH: extended, never replaced, so
+    packages that live on PYTHONPATH (wheels unpacked into a folder, as on a machine without pip) still import."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def run_child(script: str, args: list[str], system: str) -> dict:
     proc = subprocess.run([sys.executable, script, *args, "--child", system], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=child_env())
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)

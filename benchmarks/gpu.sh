@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# bert-base at max_length 512, bf16, one NVIDIA GPU: tokens/s and MFU of harness, with and without
-# torch.compile (benchmarks/gpu_bench.py). Offline: builds its model and data; about 4 minutes on an H100.
+# One NVIDIA GPU, bert-base at max_length 512, offline, one call (about 6 minutes on an H100, setup included):
+#   1. seed recipe vs best-configured Trainer vs harness 0.1's settings vs harness, batch 8 (benchmarks/throughput.py);
+#   2. harness variants x per-device batch: samples/s, tokens/s, MFU, compile time apart (benchmarks/gpu_bench.py).
 #
-#   bash benchmarks/gpu.sh                    # results table on stdout, JSON in $OUT (default .)
+#   bash benchmarks/gpu.sh                    # tables on stdout; JSON and logs in $OUT (default .)
+#   STEPS=100 BATCHES=8,128 VARIANTS=v0.1,default,compile bash benchmarks/gpu.sh
 #
 # Where Python packages cannot be installed, put wheels of the missing ones (e.g. datasets, dill,
 # multiprocess, pyarrow) in .whl/ at the repository root: they are installed into /tmp/site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" > /dev/null; then
+if compgen -G ".whl/*.whl" > /dev/null && ! python3 -c "import datasets" 2> /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+OUT=${OUT:-.}
+ASSETS=${ASSETS:-/tmp/harness-gpu-assets}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec python3 benchmarks/gpu_bench.py "$@"
+python3 benchmarks/gpu_bench.py --assets "$ASSETS" --examples "${EXAMPLES:-6000}" --build-only
+python3 benchmarks/throughput.py --model "$ASSETS/bert-base-random" --data "$ASSETS/data" --samples "${SAMPLES:-1024}" \
+    --batch 8 --rounds 1 --systems seed,trainer,harness_v01,harness --json "$OUT/throughput.json" | tee "$OUT/throughput.txt"
+python3 benchmarks/gpu_bench.py --assets "$ASSETS" --steps "${STEPS:-100}" --warmup "${WARMUP:-40}" \
+    --batches "${BATCHES:-8,128}" --variants "${VARIANTS:-v0.1,default,compile}" --out "$OUT" | tee "$OUT/gpu_bench.txt"
+echo
+cat "$OUT/throughput.txt" | sed -n '/^| system/,$p'
+sed -n '/^| batch/,$p' "$OUT/gpu_bench.txt"

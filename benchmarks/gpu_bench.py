@@ -51,7 +51,18 @@ def build_assets(root: Path, examples: int, seed: int = 0) -> tuple[Path, Path]:
     return model_dir, data_dir
 
 
-def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, compile_: bool, warmup: int,
+# What each variant changes from harness's defaults (data.pad_multiple=auto: 64 on GPUs; the 4D SDPA mask).
+VARIANTS = {
+    "v0.1": ["data.pad_multiple=8", "model.attention_mask=2d"],  # how harness 0.1 ran
+    "pad8": ["data.pad_multiple=8"],  # the 4D mask, but up to 64 padded lengths
+    "mask2d": ["model.attention_mask=2d"],  # buckets, but transformers' host-side mask check
+    "default": [],
+    "compile": ["train.compile=true"],
+    "cudagraphs": ["train.compile=true", "train.compile_mode=reduce-overhead"],
+}
+
+
+def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, variant: str, warmup: int,
         peak_flops: float | None = None) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
@@ -60,14 +71,15 @@ def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, comp
 
     import torch
 
-    torch.cuda.reset_peak_memory_stats()  # each run reports its own peak
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # each run reports its own peak
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     cfg = load_config(None, [
         f"model.name_or_path={model_dir}", "model.num_labels=2", f"data.dataset={data_dir}", "data.max_length=512",
         "data.eval_samples=256", "data.num_workers=2", f"train.output_dir={out}", f"train.max_steps={steps}",
         f"train.per_device_batch_size={batch}", "train.lr=2e-5", "train.warmup_steps=0.1", "train.log_every=10",
-        f"train.eval_every={10 * steps}", f"train.compile={str(compile_).lower()}",
+        f"train.eval_every={10 * steps}", *VARIANTS[variant],
         *([f"train.peak_flops={peak_flops}"] if peak_flops else []),
     ])
     t0 = time.perf_counter()
@@ -76,7 +88,9 @@ def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, comp
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/mfu" in r]
     timed = [r for r in records if r["step"] > warmup]
     return {
-        "batch": batch, "compile": compile_, "steps": steps, "wall_s": round(wall, 1),
+        "batch": batch, "variant": variant, "steps": steps, "wall_s": round(wall, 1),
+        # compilation / capture and warm-up, apart from the steady state: the first `warmup` steps' wall time
+        "first_steps_s": round(sum(10 / r["train/samples_per_s"] * batch for r in records if r["step"] <= warmup), 1),
         "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in timed),
         "samples_per_s": statistics.median(r["train/samples_per_s"] for r in timed),
         "mfu": statistics.median(r["train/mfu"] for r in timed),
@@ -91,33 +105,46 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=50, help="steps excluded from the medians (compilation, warm-up)")
     p.add_argument("--batches", default="32,8")
-    p.add_argument("--compile", default="0,1", help="compile modes to run: 0 (off), 1 (on)")
+    p.add_argument("--variants", default="v0.1,default,compile", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--peak-flops", type=float, help="override the card's peak (needed off the known GPUs)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--assets", help="folder for the model and data: built there if absent, else reused")
+    p.add_argument("--build-only", action="store_true", help="build --assets and exit")
     args = p.parse_args()
     os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if args.build_only:
+        device = "assets only"
     print(f"device: {device}, torch {torch.__version__}", flush=True)
-    root = Path(tempfile.mkdtemp())
+    root = Path(args.assets) if args.assets else Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
-    model_dir, data_dir = build_assets(root, args.examples)
-    print(f"assets built in {time.perf_counter() - t0:.0f} s", flush=True)
-    results = []
+    if (root / "data" / "test.parquet").is_file():
+        model_dir, data_dir = root / "bert-base-random", root / "data"
+    else:
+        model_dir, data_dir = build_assets(root, args.examples)
+        print(f"assets built in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.build_only:
+        return 0
+    results, runs = [], Path(tempfile.mkdtemp())  # fresh run folders: a finished one would not train again
     for batch in (int(b) for b in args.batches.split(",")):
-        for compile_ in (m == "1" for m in args.compile.split(",")):
-            r = run(model_dir, data_dir, root / f"run-b{batch}-c{int(compile_)}", batch, args.steps, compile_,
-                    args.warmup, args.peak_flops)
+        for variant in args.variants.split(","):
+            try:
+                r = run(model_dir, data_dir, runs / f"run-b{batch}-{variant}", batch, args.steps, variant,
+                        args.warmup, args.peak_flops)
+            except Exception as e:  # one variant failing (say, CUDA graphs) must not lose the others' figures
+                print(f"variant {variant} at batch {batch} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
             results.append(r)
             print("RESULT " + json.dumps(r), flush=True)
             Path(args.out, "gpu_results.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
-    print("\n| batch | compile | samples/s | real tokens/s | MFU | padding | peak memory (MB) | wall (s) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| batch | variant | samples/s | real tokens/s | MFU | padding | peak memory (MB) | first steps (s) | wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['batch']} | {'yes' if r['compile'] else 'no'} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
-              f"{r['mfu']:.1%} | {r['padding_fraction']:.1%} | {r['peak_mem_mb']:.0f} | {r['wall_s']} |")
+        print(f"| {r['batch']} | {r['variant']} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
+              f"{r['mfu']:.1%} | {r['padding_fraction']:.1%} | {r['peak_mem_mb']:.0f} | {r['first_steps_s']} | {r['wall_s']} |")
     return 0
 
 

@@ -28,7 +28,7 @@ COMPLETE = "COMPLETE.json"
 PROGRESS = "progress.json"
 # Keys that change how a run is driven or recorded, not what it trains: a resume may change them.
 _NEUTRAL_KEYS = {
-    ("train", k) for k in ("output_dir", "overwrite", "log_every", "eval_batch_size", "save_every", "keep_last", "resume", "best_metric", "peak_flops")
+    ("train", k) for k in ("output_dir", "overwrite", "log_every", "eval_batch_size", "save_every", "keep_last", "resume", "best_metric", "peak_flops", "sync_debug")
 } | {("data", "num_workers")}
 
 
@@ -43,6 +43,7 @@ class Progress:
     best_value: Optional[float] = None
     world_size: int = 1
     global_batch: int = 0
+    sharding: Optional[str] = None  # DeepSpeed ZeRO / FSDP state is per rank: resume on world_size processes only
 
 
 # ---------------------------------------------------------------- deciding how a run starts

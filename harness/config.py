@@ -30,6 +30,10 @@ class ModelConfig:
     """Names written to the saved model's id2label (default LABEL_0, LABEL_1, ...)."""
     attn_implementation: str = "sdpa"
     """`sdpa` or `eager`; falls back to eager for models without SDPA support."""
+    attention_mask: str = "4d"
+    """`4d`: harness hands the model a ready (batch, 1, 1, length) mask, so the model never inspects the
+    padding on the host (transformers' `mask.all()` check is a GPU synchronisation in every forward);
+    `2d`: the plain padding mask, as transformers expects by default."""
     trust_remote_code: bool = False
 
 
@@ -48,6 +52,9 @@ class DataConfig:
     train_samples: Optional[int] = None
     """Stratified, seeded subset of the training split (None: all of it)."""
     eval_samples: Optional[int] = None
+    pad_multiple: Union[int, str] = "auto"
+    """Pad each batch to a multiple of this many tokens. `auto`: 64 on GPUs (at most max_length/64 shapes,
+    so attention plans, autotuning and compiled graphs are built once each), 8 on CPUs (least padding)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding); the order stays seeded."""
     num_workers: int = 0
@@ -82,9 +89,16 @@ class TrainConfig:
     best_metric: Optional[str] = None
     """Keep OUTPUT_DIR/best/ as the model of the best evaluation by this metric (accuracy, f1, precision, recall, loss)."""
     compile: bool = False
-    """torch.compile the model; batches are then padded to multiples of 64 so few shapes are compiled."""
+    """torch.compile the model (with data.pad_multiple=auto, batches are then padded to multiples of 64 on
+    any device, so few shapes are compiled)."""
+    compile_mode: str = "default"
+    """torch.compile mode with train.compile: `default`, `reduce-overhead` (CUDA graphs, one per padded length:
+    fewer kernel-launch gaps at small batches), `max-autotune`, `max-autotune-no-cudagraphs`."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for the MFU figure (built in for A100, H100, H200 in bf16)."""
+    sync_debug: bool = False
+    """Count host-device synchronisations inside training steps and print the total at the end (CUDA only;
+    torch.cuda.set_sync_debug_mode). A debugging aid: a step that waits for the GPU wastes it."""
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint if any; `none`: refuse an existing run; or a checkpoint path."""
 
@@ -243,6 +257,11 @@ def validate(cfg: Config) -> None:
         v = getattr(d, name)
         need(v is None or v > 0, f"data.{name} must be positive, got {v}")
     need(d.truncation in ("head", "head_tail"), f"data.truncation must be head or head_tail, got {d.truncation!r}")
+    need(d.pad_multiple == "auto" or (isinstance(d.pad_multiple, int) and d.pad_multiple >= 1),
+         f"data.pad_multiple must be 'auto' or a positive number of tokens, got {d.pad_multiple!r}")
+    need(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+         f"train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {t.compile_mode!r}")
+    need(m.attention_mask in ("4d", "2d"), f"model.attention_mask must be 4d or 2d, got {m.attention_mask!r}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")

@@ -218,8 +218,15 @@ def build_split(cfg: DataConfig, split: str, tokenizer, n: Optional[int], seed: 
     return tokenize(ds, tokenizer, cfg)
 
 
+def pad_multiple(configured, compiled: bool, on_gpu: bool) -> int:
+    """`data.pad_multiple`: 64 where shapes are costly (GPUs, compiled models), 8 elsewhere (least padding)."""
+    if configured != "auto":
+        return int(configured)
+    return 64 if (on_gpu or compiled) else 8
+
+
 class Collator:
-    """Pads each batch to its own longest example, rounded up to a multiple of 8 (tensor-core friendly)."""
+    """Pads each batch to its own longest example, rounded up to a multiple of `multiple` (8 or 64)."""
 
     def __init__(self, pad_token_id: int, multiple: int = 8):
         self.pad_token_id = pad_token_id

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from harness.config import TrainConfig
 from harness.errors import BadInput
@@ -24,24 +24,81 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def fsdp_requested() -> bool:
+    """`accelerate launch` with an FSDP config sets this in every process it starts."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def build_accelerator(grad_accum_steps: int = 1) -> Accelerator:
     if deepspeed_requested() and importlib.util.find_spec("deepspeed") is None:
         raise BadInput("the launch config asks for DeepSpeed, which is not installed: pip install -e '.[deepspeed]'")
     kwargs: dict = {}
     if not torch.cuda.is_available():
-        if deepspeed_requested():
-            # cpu=True would drop the DeepSpeed plugin; without an explicit backend Accelerate records one
+        if deepspeed_requested() or fsdp_requested():
+            # cpu=True would drop the DeepSpeed/FSDP plugin; without an explicit backend Accelerate records one
             # process while DeepSpeed sees the whole world (see ENVIRONMENT.md).
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         else:
             # A MULTI_GPU launch config on a machine without GPUs still starts N ranks; cpu=True makes them gloo.
             kwargs["cpu"] = True
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum_steps,
         # The schedule is sized in optimizer steps and stepped once per step, never once per process.
         step_scheduler_with_optimizer=False,
         **kwargs,
     )
+    if fsdp_requested() and not torch.cuda.is_available() and accelerator.num_processes > 1:
+        _fsdp_on_cpu_ranks(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu_ranks(accelerator: Accelerator) -> None:
+    """Accelerate enables FSDP only for GPU-like devices; torch's FSDP2 itself runs on gloo CPU ranks.
+
+    On a machine without GPUs (CI, a laptop) an FSDP launch config would otherwise train N unsynchronised
+    copies of the model. Here the shared state is switched to FSDP with the plugin the launcher described,
+    so `prepare` shards the model with `fully_shard` exactly as on GPUs, and collectives run over gloo.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # read from the launcher's FSDP_* variables
+    if accelerator.state.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+
+
+def sharding(accelerator: Accelerator) -> str | None:
+    """What the launch config shards, in words (None for DDP or one process): for logs and the world-size rule."""
+    if accelerator.state.deepspeed_plugin is not None:
+        zero = accelerator.deepspeed_config.get("zero_optimization") or {}
+        offload = [k.split("_")[1] for k in ("offload_optimizer", "offload_param")
+                   if (zero.get(k) or {}).get("device") not in (None, "none")]
+        return f"DeepSpeed ZeRO-{zero.get('stage', 0)}" + (f" (offload: {', '.join(offload)})" if offload else "")
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and accelerator.distributed_type == DistributedType.FSDP:
+        kind = "full sharding" if plugin.reshard_after_forward else "gradient/optimizer sharding"
+        policy = plugin.cpu_offload  # FSDP2: CPUOffloadPolicy or a plain OffloadPolicy (no offload); FSDP1: CPUOffload
+        offloaded = type(policy).__name__ == "CPUOffloadPolicy" or getattr(policy, "offload_params", False) is True
+        offload = ", CPU offload" if offloaded else ""
+        return f"FSDP{plugin.fsdp_version} ({kind}{offload})"
+    return None
+
+
+def check_world_size(saved_world_size: int, saved_sharding: str | None, accelerator: Accelerator) -> None:
+    """DDP resumes on any world size (the data position is a sample count); sharded state does not.
+
+    ZeRO partitions and FSDP's sharded checkpoints hold one shard of the optimizer state per rank, and each
+    rank's RNG state is saved under its rank: resuming them on another world size is refused, naming both.
+    """
+    what = saved_sharding or sharding(accelerator)
+    if what is not None and saved_world_size != accelerator.num_processes:
+        raise BadInput(
+            f"checkpoint was written by {saved_world_size} processes and {what} state is sharded per rank; "
+            f"resume it on {saved_world_size} processes (now {accelerator.num_processes})"
+        )
 
 
 def read_deepspeed_json(path: str) -> dict:
@@ -96,6 +153,23 @@ def configure_deepspeed(accelerator: Accelerator, t: TrainConfig) -> None:
     fill_deepspeed(plugin.deepspeed_config, deepspeed_values(written, name, t, accelerator.num_processes))
 
 
+def configure_fsdp(accelerator: Accelerator, model) -> None:
+    """FSDP2 units: the model's `_no_split_modules` less the ones holding the input embeddings.
+
+    Accelerate wraps the input embedding module as a unit of its own; a `_no_split_modules` entry that
+    contains it (BertEmbeddings for BERT) would shard those parameters twice and fail. A launch config
+    that names `fsdp_transformer_layer_cls_to_wrap` itself is left as it is.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)  # absent, not None, in some modes
+    if plugin is None or getattr(plugin, "transformer_cls_names_to_wrap", None):
+        return
+    embeddings = model.get_input_embeddings()
+    holders = {type(m).__name__ for m in model.modules() if any(sub is embeddings for sub in m.modules())}
+    names = [n for n in (getattr(model, "_no_split_modules", None) or []) if n not in holders]
+    if names:
+        plugin.transformer_cls_names_to_wrap = names
+
+
 def fill_deepspeed(config: dict, values: dict) -> dict:
     """Write dotted keys (`zero_optimization.stage`) into a DeepSpeed config dict, in place."""
     for dotted, value in values.items():
@@ -110,9 +184,11 @@ def fill_deepspeed(config: dict, values: dict) -> dict:
 class StopFlag:
     """SIGTERM / SIGUSR1 (what Slurm sends before preemption or the time limit) ask for a clean stop.
 
-    The handler only records the request; `should_stop` is a collective (a max all-reduce) that every rank
-    calls at each optimizer-step boundary, so a signal that reached one rank stops all of them at the same
-    step, and none waits forever in a collective the others skipped. A second signal changes nothing.
+    The handler only records the request. `should_stop` is called by every rank at every optimizer-step
+    boundary. With several processes it is a collective that never waits for the GPU: a MAX all-reduce of
+    a CPU flag over a gloo group, started at one step and read at the next, so a signal that reached one
+    rank stops all of them at the same step (one step after it arrived), and none waits forever in a
+    collective the others skipped. A second signal changes nothing.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -120,13 +196,23 @@ class StopFlag:
     def __init__(self):
         self.received: Optional[int] = None
         self._previous = {}
+        self._group = None
+        self._pending = None  # (work, tensor) of the all-reduce started at the previous step
 
-    def install(self) -> "StopFlag":
+    def install(self, accelerator=None) -> "StopFlag":
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if accelerator is not None and accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            # every rank creates it (a collective); gloo keeps the flag on the CPU, away from CUDA streams
+            self._group = dist.new_group(backend="gloo")
         return self
 
     def uninstall(self) -> None:
+        if self._pending is not None:  # every rank started it: finish it so that no rank leaves one behind
+            self._pending[0].wait()
+            self._pending = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -135,9 +221,17 @@ class StopFlag:
         if self.received is None:
             self.received = signum
 
-    def should_stop(self, accelerator) -> bool:
+    def should_stop(self) -> bool:
         local = self.received is not None
-        if accelerator.num_processes == 1:
+        if self._group is None:
             return local
-        flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item() > 0)
+        import torch.distributed as dist
+
+        decided = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            decided = bool(flag.item() > 0)  # a CPU tensor: no device synchronisation
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        return decided

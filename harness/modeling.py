@@ -72,6 +72,18 @@ def load_trained(model_dir: str | Path):
     return model, tokenizer
 
 
+def attention_mask_for(mask: torch.Tensor, attn_implementation: str, mask_format: str = "4d") -> torch.Tensor:
+    """The padding mask as the model's SDPA attention will use it, built on the device without a host sync.
+
+    Given a (batch, length) mask, transformers checks `mask.all()` on the host in every SDPA forward (to
+    drop the mask when nothing is padded): a GPU synchronisation per step. A 4D boolean mask (True =
+    attend) is used as it is. Eager attention keeps the 2D mask (it has no such check).
+    """
+    if mask_format == "2d" or attn_implementation != "sdpa":
+        return mask
+    return mask[:, None, None, :].bool()
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW with no weight decay on biases and normalization weights; `fused`: one kernel per step (CUDA)."""
     no_decay = set()

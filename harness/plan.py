@@ -33,6 +33,7 @@ class World:
     source: str
     deepspeed_json: Optional[str] = None
     mixed_precision: str = "no"
+    parallelism: str = "DDP"
 
 
 def read_launch_config(path: Optional[str]) -> dict:
@@ -50,13 +51,39 @@ def read_launch_config(path: Optional[str]) -> dict:
     return raw
 
 
-def world_from(launch: dict, nodes: Optional[int], gpus_per_node: Optional[int], env=os.environ) -> World:
-    ds_json = None
-    if launch.get("distributed_type") == "DEEPSPEED":
+def parallelism_from(launch: dict) -> tuple[str, str, Optional[str]]:
+    """(what is sharded, mixed precision, DeepSpeed JSON) as the launch config states them.
+
+    Under DeepSpeed the JSON's `bf16`/`fp16` blocks are the one source of precision: Accelerate refuses a
+    `mixed_precision:` key in a launch config that names a DeepSpeed JSON, so it is refused here first.
+    """
+    kind = launch.get("distributed_type")
+    if kind == "DEEPSPEED":
         ds_json = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
         if not ds_json:
             raise BadInput("the launch config uses DeepSpeed without deepspeed_config_file; harness expects a JSON in launch_configs/deepspeed/")
+        if "mixed_precision" in launch:
+            raise BadInput("the launch config names a DeepSpeed JSON and also sets mixed_precision, which Accelerate "
+                           "refuses at start: remove mixed_precision and set \"bf16\": {\"enabled\": true} in the JSON")
+        written = read_deepspeed_json(ds_json)
+        precision = next((k for k in ("bf16", "fp16") if (written.get(k) or {}).get("enabled") is True), "no")
+        zero = written.get("zero_optimization") or {}
+        offload = [k.split("_")[1] for k in ("offload_optimizer", "offload_param")
+                   if (zero.get(k) or {}).get("device") not in (None, "none")]
+        what = f"DeepSpeed ZeRO-{zero.get('stage', 0)}" + (f" (offload: {', '.join(offload)})" if offload else "")
+        return what, precision, ds_json
     precision = str(launch.get("mixed_precision", "no"))
+    if kind == "FSDP":
+        fsdp = launch.get("fsdp_config") or {}
+        reshard = str(fsdp.get("fsdp_reshard_after_forward", True)).lower() in ("true", "full_shard")
+        offload = ", CPU offload" if str(fsdp.get("fsdp_offload_params", False)).lower() == "true" else ""
+        kind_text = "full sharding" if reshard else "gradient/optimizer sharding"
+        return f"FSDP{fsdp.get('fsdp_version', 1)} ({kind_text}{offload})", precision, None
+    return "DDP", precision, None
+
+
+def world_from(launch: dict, nodes: Optional[int], gpus_per_node: Optional[int], env=os.environ) -> World:
+    what, precision, ds_json = parallelism_from(launch)
     launch_nodes = int(launch.get("num_machines", 1))
     launch_procs = int(launch.get("num_processes", 1))
     if launch_procs % launch_nodes:
@@ -64,13 +91,13 @@ def world_from(launch: dict, nodes: Optional[int], gpus_per_node: Optional[int],
     if nodes or gpus_per_node:
         n = nodes or launch_nodes
         g = gpus_per_node or launch_procs // launch_nodes
-        return World(n, n * g, "command line", ds_json, precision)
+        return World(n, n * g, "command line", ds_json, precision, what)
     if env.get("SLURM_JOB_ID"):
         n = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
         gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE", "").split(":")[-1]
         g = int(gpus) if gpus and gpus.isdigit() else launch_procs // launch_nodes
-        return World(n, n * g, f"Slurm job {env['SLURM_JOB_ID']}", ds_json, precision)
-    return World(launch_nodes, launch_procs, "launch config" if launch else "default (one process)", ds_json, precision)
+        return World(n, n * g, f"Slurm job {env['SLURM_JOB_ID']}", ds_json, precision, what)
+    return World(launch_nodes, launch_procs, "launch config" if launch else "default (one process)", ds_json, precision, what)
 
 
 def split_size(cfg: Config, split: str, requested: Optional[int]) -> tuple[int, str]:
@@ -162,7 +189,8 @@ def describe(cfg: Config, p: dict) -> str:
         p["start"], f"resume from {p['checkpoint']}")
     lines = [
         f"world size      {w.nodes} node(s) x {w.processes // w.nodes} process(es) = {w.processes} processes  [{w.source}]",
-        f"precision       {w.mixed_precision}" + (f", DeepSpeed {w.deepspeed_json}" if w.deepspeed_json else ", DDP"),
+        f"precision       {w.mixed_precision}" + (f" (from {w.deepspeed_json})" if w.deepspeed_json else " (from the launch config)"),
+        f"parallelism     {w.parallelism if w.processes > 1 or w.parallelism != 'DDP' else 'one process'}",
         f"batch           {t.per_device_batch_size} per device x {t.grad_accum_steps} accumulation x {w.processes} = {p['global_batch']} per optimizer step",
         f"data            {cfg.data.dataset}: train {p['train_examples']}, eval {p['eval_examples']}, max_length {cfg.data.max_length}",
         f"steps           {p['steps_per_epoch']} per epoch, {p['total_steps']} in total ({p['epochs']:.2f} epochs), warmup {p['warmup']}",

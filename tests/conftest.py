@@ -63,6 +63,27 @@ def write_config(path: Path, model_path: Path | str, output_dir: Path, **section
     return path
 
 
+@pytest.fixture(scope="session")
+def ddp_ten_steps(tmp_path_factory, tiny_model):
+    """The reference for the sharded runs: 10 steps of DDP on 2 gloo ranks, batch 4 per rank, fp32.
+
+    Returns (config, output folder); the sharded tests train the same config into their own folders.
+    """
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg = write_config(tmp / "c.yaml", tiny_model, tmp / "ddp",
+                       data={"train_samples": 48}, train={"max_steps": 10, "lr": 3e-3, "eval_every": 100})
+    ok(harness("train", "--config", str(cfg), procs=2))
+    return cfg, tmp / "ddp"
+
+
+def losses(out: Path) -> dict[int, float]:
+    """{step: train/loss} from a run's metrics.jsonl."""
+    import json
+
+    rows = (json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,6 +101,14 @@ def harness(*args: str, procs: int = 1, cwd: Path | None = None, timeout: int = 
         ]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch(config_file: Path, *args: str, procs: int, launch_args: list[str] = (), timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file CONFIG_FILE -m harness ARGS` with only the process count and port set."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           "--num_processes", str(procs), "--main_process_port", str(free_port()), *launch_args, "-m", "harness", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -12,12 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from harness.checkpoint import COMPLETE, latest_checkpoint
-from tests.conftest import CPU_LAUNCH, REPO, free_port, harness, ok, write_config
-
-
-def losses(out):
-    """Per-step training loss from metrics.jsonl (log_every=1)."""
-    return {r["step"]: r["train/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r}
+from tests.conftest import CPU_LAUNCH, REPO, free_port, harness, losses, ok, write_config
 
 
 def same_weights(a, b):

@@ -1,0 +1,157 @@
+"""What a run reports while it trains: the metrics log, the throughput meter, the host-sync watch.
+
+    meter = Throughput(accelerator, flops_per_token(model), peak_flops(None))
+    meter.count(batch)                  # every micro-batch, on the host, before the copy to the device
+    record = meter.read(loss_sum)       # at a log step: one all-reduce, the only device sync of the step
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    """`metrics.jsonl` and TensorBoard, written by the main process only (one event file per run)."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None):
+        """A resumed run drops records past its checkpoint (they will be redone); a fresh run's folder was
+        already emptied by `clear_run`."""
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        self.path = out / "metrics.jsonl"
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Throughput:
+    """Samples, real tokens, padding, MFU and peak memory between two log steps, summed over all ranks.
+
+    Batches are counted on the host (before their copy to the device) and the loss is summed on the
+    device, so nothing waits for the GPU until `read`, which does one all-reduce for everything.
+    """
+
+    def __init__(self, accelerator, model_flops, device_peak_flops: float | None):
+        self.accelerator, self.model_flops, self.device_peak = accelerator, model_flops, device_peak_flops
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum.zero_()
+        self.micro_batches = self.samples = self.real_tokens = self.padded_tokens = 0
+        self.tic = time.perf_counter()
+
+    def count(self, batch: dict) -> None:
+        self.samples += batch["labels"].numel()
+        self.real_tokens += int(batch["attention_mask"].sum())
+        self.padded_tokens += batch["attention_mask"].numel()
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.micro_batches += 1
+
+    def read(self) -> dict:
+        """The window's figures for all ranks together; starts the next window."""
+        acc = self.accelerator
+        counts = torch.tensor([self.micro_batches, self.samples, self.real_tokens, self.padded_tokens], dtype=torch.float32)
+        loss_sum, micro, samples, real, padded = acc.reduce(
+            torch.cat([self.loss_sum.float().reshape(1), counts.to(acc.device)]), "sum").tolist()
+        elapsed = time.perf_counter() - self.tic
+        record = {
+            "train/loss": loss_sum / micro,
+            "train/samples_per_s": samples / elapsed,
+            "train/tokens_per_s": real / elapsed,
+            "train/padding_fraction": 1 - real / padded,
+            "train/peak_mem_mb": peak_memory_mb(acc.device),
+        }
+        if self.device_peak:  # model FLOPs utilisation on real (non-padding) tokens
+            record["train/mfu"] = self.model_flops(padded / samples) * real / elapsed / (self.device_peak * acc.num_processes)
+        self._reset()
+        return record
+
+
+class DtypeProbe:
+    """The dtype the forward really computes in, read off the model's last Linear layer at the first step.
+
+    The model's own outputs do not tell: Accelerate converts autocast outputs back to fp32.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.dtype = None
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        self._handle = last.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output) -> None:
+        if self.dtype is None:
+            self.dtype = str(output.dtype).replace("torch.", "")
+
+    def remove(self) -> str | None:
+        self._handle.remove()
+        return self.dtype
+
+
+class SyncWatch:
+    """`train.sync_debug`: count host-device synchronisations inside training steps (CUDA only).
+
+    Used as `with watch:` around the work of one micro-batch; log, evaluation and checkpoint points stay
+    outside, where a synchronisation is expected. Each sync is a warning from torch's sync debug mode.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and torch.cuda.is_available()
+        self.count, self.first = 0, None
+        self._catcher = None
+
+    def __enter__(self):
+        if self.enabled:
+            self._catcher = warnings.catch_warnings(record=True)
+            self._seen = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catcher.__exit__(*exc)
+            syncs = [w for w in self._seen if "synchroniz" in str(w.message)]
+            self.count += len(syncs)
+            if syncs and self.first is None:
+                self.first = f"{syncs[0].filename}:{syncs[0].lineno}: {syncs[0].message}"
+        return False
+
+    def report(self) -> str | None:
+        if not self.enabled:
+            return None
+        return f"host synchronisations inside training steps: {self.count}" + (f" (first: {self.first})" if self.first else "")

@@ -1,0 +1,179 @@
+"""The GPU suite: every shipped launch config, as shipped, on the GPUs of this machine (one is enough).
+
+    python -m pytest -q tests/gpu -n 8          # pytest-xdist runs the configs side by side (optional)
+
+Skipped where CUDA is absent. Per launch config: a run that checkpoints, is stopped by SIGUSR1 and exits 0;
+`resume=auto` finishes it; the final export is scored again by `harness evaluate`; the compute dtype is
+bf16; `harness plan` states the same steps and global batch as the run. Nothing assumes one process: a
+config written for N GPUs runs on min(N, GPUs here) processes. A tiny BERT with its own WordPiece
+vocabulary is built in-process, so the suite needs no network and no model package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU suite needs a CUDA GPU (none is visible here)"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_DIR = REPO / "launch_configs" / "accelerate"
+# cpu.yaml is the no-GPU debugging config (gloo ranks); it runs in the CPU suite, tests/test_launch_configs.py.
+GPU_CONFIGS = sorted(p for p in LAUNCH_DIR.glob("*.yaml") if p.name != "cpu.yaml")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random BERT classifier; its vocabulary covers the synthetic data's words."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from harness.data import synthetic_split
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    words = set()
+    for split in ("train", "test"):
+        for text in synthetic_split(split)["text"]:
+            words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=128, num_labels=2)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def recipe(path: Path, model: Path, out: Path) -> Path:
+    cfg = {
+        "model": {"name_or_path": str(model), "num_labels": 2},
+        "data": {"dataset": "synthetic", "max_length": 64, "train_samples": 512, "eval_samples": 200},
+        "train": {"output_dir": str(out), "max_steps": 400, "per_device_batch_size": 8, "lr": 1e-3,
+                  "save_every": 5, "keep_last": 2, "log_every": 5, "eval_every": 1000, "seed": 3},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def processes(launch_config: Path) -> int:
+    wanted = int(yaml.safe_load(launch_config.read_text()).get("num_processes", 1))
+    return max(1, min(wanted, torch.cuda.device_count()))
+
+
+def launch_cmd(launch_config: Path, procs: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
+            "--num_processes", str(procs), "--main_process_port", str(free_port()), "-m", "harness", *args]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+def training_ranks(proc: subprocess.Popen, procs: int) -> list:
+    import psutil
+
+    deadline, found = time.time() + 60, {}
+    while len(found) < procs and time.time() < deadline:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                rank = child.environ().get("RANK")
+                if rank is not None and "harness" in " ".join(child.cmdline()):
+                    found[int(rank)] = child
+            except psutil.Error:
+                continue
+        time.sleep(0.05)
+    assert len(found) == procs, f"found ranks {sorted(found)} of {procs}"
+    return list(found.values())
+
+
+@pytest.mark.parametrize("launch_config", GPU_CONFIGS, ids=lambda p: p.stem)
+def test_launch_config_runs_as_shipped_on_gpu(launch_config, tmp_path, tiny_bert):
+    procs = processes(launch_config)
+    out = tmp_path / "run"
+    cfg = recipe(tmp_path / "c.yaml", tiny_bert, out)
+
+    # 1. train until the first checkpoint is complete, then SIGUSR1 (what Slurm sends before the time limit)
+    proc = subprocess.Popen(launch_cmd(launch_config, procs, "train", "--config", str(cfg)), cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = out / "checkpoints" / "step-00000005" / "COMPLETE.json"
+        deadline = time.time() + 180
+        while not first.is_file():
+            assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.communicate()[1][-5000:]}"
+            assert time.time() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.02)
+        for rank in training_ranks(proc, procs):
+            rank.send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-5000:]
+    stopped = re.search(r"stopped by a signal at step (\d+)", stdout)
+    assert stopped and 5 <= int(stopped.group(1)) < 400, stdout[-3000:]
+    assert not (out / "final").exists()
+
+    # 2. what ran: processes, parallelism, bf16 really in the forward
+    assert f"{procs} process(es) x batch 8" in stdout
+    assert "compute dtype bfloat16" in stdout, "the launch config's bf16 must reach the model's forward"
+    assert "on cuda, mixed precision bf16" in stdout
+    kind = yaml.safe_load(launch_config.read_text())["distributed_type"]
+    assert {"DEEPSPEED": "parallelism: DeepSpeed ZeRO", "FSDP": "parallelism: FSDP2"}.get(kind, "parallelism: ") in stdout
+
+    # 3. resume=auto finishes the run from the signal's checkpoint
+    resumed = run(launch_cmd(launch_config, procs, "train", "--config", str(cfg)))
+    assert f"resumed from {out / 'checkpoints' / ('step-%08d' % int(stopped.group(1)))}" in resumed.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 400 and (out / "final" / "model.safetensors").is_file()
+
+    # 4. the export reloads in a plain process (from_pretrained) and scores as it did in training
+    in_training = json.loads((out / "final" / "eval_results.json").read_text())
+    ev = run([sys.executable, "-m", "harness", "evaluate", "--model", str(out / "final"), "--config", str(cfg)])
+    again = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert again["num_examples"] == in_training["num_examples"] == 200
+    assert abs(again["accuracy"] - in_training["accuracy"]) <= 0.02, (again, in_training)  # bf16 vs fp32 ties
+    assert again["loss"] == pytest.approx(in_training["loss"], abs=2e-2)
+
+    # 5. `harness plan` agrees with the run: global batch, steps per epoch, total steps
+    plan = run([sys.executable, "-m", "harness", "plan", "--config", str(cfg), "--launch-config", str(launch_config),
+                "--nodes", "1", "--gpus-per-node", str(procs)]).stdout
+    batch = re.search(r"= (\d+) per optimizer step", plan).group(1)
+    per_epoch, total = re.search(r"(\d+) per epoch, (\d+) in total", plan).groups()
+    assert f"= {batch} per step; {per_epoch} steps/epoch, {total} steps" in stdout
+
+
+def test_a_training_step_makes_no_host_synchronisation(tmp_path, tiny_bert):
+    """Between log steps the loop must not wait for the GPU: `train.sync_debug=true` turns on
+    torch.cuda.set_sync_debug_mode('warn') around the steps (not the log, eval or save points) and the
+    run reports how many synchronisations it saw."""
+    cfg = recipe(tmp_path / "c.yaml", tiny_bert, tmp_path / "run")
+    r = run([sys.executable, "-m", "harness", "train", "--config", str(cfg), "train.max_steps=30",
+             "train.save_every=null", "train.log_every=10", "train.sync_debug=true"])
+    assert "host synchronisations inside training steps: 0" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
