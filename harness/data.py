@@ -107,6 +107,10 @@ _TEMPLATES = [
 
 
 def synthetic_split(split: str, size: Optional[int] = None) -> Dataset:
+    return Dataset.from_dict(synthetic_rows(split, size))
+
+
+def synthetic_rows(split: str, size: Optional[int] = None) -> dict:
     """Balanced, seeded sentiment sentences: the label is the polarity of the adjectives, flipped by "not".
 
     The train and test splits come from different seeds, so they share vocabulary but not sentences.
@@ -125,7 +129,7 @@ def synthetic_split(split: str, size: Optional[int] = None) -> Dataset:
         labels.append(label)
     order = list(range(size))
     rng.shuffle(order)
-    return Dataset.from_dict({"text": [texts[i] for i in order], "label": [labels[i] for i in order]})
+    return {"text": [texts[i] for i in order], "label": [labels[i] for i in order]}
 
 
 def validate_columns(ds: Dataset, cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int) -> Dataset:
