@@ -1,9 +1,8 @@
-"""What a run writes, when, and what it may resume from.
+"""Checkpoints and exported models: atomic writes, and finding the newest complete checkpoint.
 
-    OUTPUT_DIR/config.yaml                      the resolved config
     OUTPUT_DIR/checkpoints/step-00000120/       resumable state: Accelerate's save_state (model, optimizer,
                                                 scheduler, every rank's RNG) + progress.json + COMPLETE.json
-    OUTPUT_DIR/best/, OUTPUT_DIR/final/         Hugging Face-format models
+    OUTPUT_DIR/best/, OUTPUT_DIR/final/         Hugging Face-format models (harness.run_folder owns the layout)
 
 Every folder is written under a `.tmp` name and renamed into place once whole; a checkpoint's
 COMPLETE.json (written last) lists each file's size. A checkpoint without it, or whose files do not match
@@ -19,17 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
-
-from harness.config import Config
 from harness.errors import BadInput
 
 COMPLETE = "COMPLETE.json"
 PROGRESS = "progress.json"
-# Keys that change how a run is driven or recorded, not what it trains: a resume may change them.
-_NEUTRAL_KEYS = {
-    ("train", k) for k in ("output_dir", "overwrite", "log_every", "eval_batch_size", "save_every", "keep_last", "resume", "best_metric", "peak_flops", "sync_debug")
-} | {("data", "num_workers")}
 
 
 @dataclass
@@ -44,64 +36,6 @@ class Progress:
     world_size: int = 1
     global_batch: int = 0
     sharding: Optional[str] = None  # DeepSpeed ZeRO / FSDP state is per rank: resume on world_size processes only
-
-
-# ---------------------------------------------------------------- deciding how a run starts
-
-
-def _comparable(d: dict) -> dict:
-    return {s: {k: v for k, v in sec.items() if (s, k) not in _NEUTRAL_KEYS} for s, sec in d.items() if isinstance(sec, dict)}
-
-
-def plan_start(cfg: Config, warn: Callable[[str], None] = print) -> tuple[str, Optional[Path]]:
-    """Read-only look at train.output_dir. Returns (what, checkpoint):
-
-    - ("finished", None): a finished run of this config is there; nothing to train;
-    - ("resume", path): continue from that complete checkpoint;
-    - ("fresh", None): start from scratch (the main process then removes an old run, if overwrite allowed it).
-    """
-    t = cfg.train
-    out = Path(t.output_dir)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"train.output_dir {out} exists and is not a folder")
-    explicit = t.resume not in ("auto", "none")
-    saved = out / "config.yaml"
-    has_run = saved.is_file() or bool(complete_checkpoints(out))
-    if saved.is_file():
-        try:
-            previous = yaml.safe_load(saved.read_text()) or {}
-        except yaml.YAMLError:
-            previous = None
-        if previous is None or _comparable(previous) != _comparable(cfg.to_dict()):
-            if t.overwrite:
-                return "fresh", None
-            changed = "unreadable config.yaml" if previous is None else ", ".join(sorted(
-                f"{s}.{k}" for s, sec in _comparable(cfg.to_dict()).items() for k, v in sec.items()
-                if (previous.get(s) or {}).get(k, object()) != v
-            ))
-            raise BadInput(
-                f"train.output_dir {out} holds a run of a different config (differs in: {changed}); "
-                "choose another output_dir or set train.overwrite=true"
-            )
-    if explicit:
-        return "resume", checked_checkpoint(Path(t.resume))
-    if t.resume == "none":
-        if has_run and not t.overwrite:
-            raise BadInput(f"train.output_dir {out} already holds a run and train.resume=none; "
-                           "use train.resume=auto to continue it or train.overwrite=true to start over")
-        return "fresh", None
-    if (out / "final" / "config.json").is_file():
-        return "finished", None
-    latest = latest_checkpoint(out, warn)
-    return ("resume", latest) if latest else ("fresh", None)
-
-
-def clear_run(out: Path) -> None:
-    """Remove a previous run's outputs (main process, only after train.overwrite=true allowed it)."""
-    for name in ("checkpoints", "best", "final", "tensorboard"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "config.yaml"):
-        (out / name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- finding checkpoints
@@ -232,8 +166,13 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] = None) -> None:
-    """HF-format model + tokenizer at `path` (plus `extra` as eval_results.json), written by the main process.
+TRAINING_CONFIG = "training_config.yaml"  # beside an exported model: how it was trained and its data prepared
+
+
+def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] = None,
+               training_config: Optional[str] = None) -> None:
+    """HF-format model + tokenizer at `path` (plus `extra` as eval_results.json and the resolved config as
+    training_config.yaml, which `harness evaluate` and `harness predict` read), written by the main process.
 
     Every rank must call this: under ZeRO-3 `get_state_dict` gathers the partitioned weights, a
     collective that hangs if one rank skips it and writes empty tensors if nobody gathers.
@@ -251,5 +190,7 @@ def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] 
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             (tmp / "eval_results.json").write_text(json.dumps(extra, indent=2) + "\n")
+        if training_config is not None:
+            (tmp / TRAINING_CONFIG).write_text(training_config)
         replace_dir(tmp, path)
     accelerator.wait_for_everyone()

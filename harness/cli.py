@@ -1,7 +1,7 @@
 """Command line: `harness train | evaluate | predict | plan`.
 
     harness train --config configs/quickstart.yaml train.max_steps=20
-    harness evaluate --model outputs/quickstart/final --config configs/quickstart.yaml
+    harness evaluate --model outputs/quickstart/final                 # the data and preprocessing it was trained with
     harness predict --model outputs/quickstart/final "a wonderful film" "a dull plot"
     harness predict --model outputs/quickstart/final --input reviews.jsonl
     harness plan --config configs/bert_base_imdb.yaml --launch-config launch_configs/accelerate/deepspeed_zero2.yaml
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score a saved model on the config's eval split")
     p.add_argument("--model", required=True, help="folder of a saved model (e.g. OUTPUT_DIR/final)")
-    p.add_argument("--config", required=True, help="recipe naming the data to score on")
+    p.add_argument("--config", help="recipe naming the data to score on (default: the model's training_config.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     p = sub.add_parser("plan", help="check a config and launch before starting anything: sizes, steps, DeepSpeed")
@@ -44,12 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, help="number of nodes (default: Slurm's, else the launch config's)")
     p.add_argument("--gpus-per-node", type=int, help="processes per node (default: Slurm's, else the launch config's)")
     p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. train.output_dir) and exit")
+    p.add_argument("--status", action="store_true",
+                   help="print what train would do with train.output_dir: finished, resume PATH or fresh (for scripts)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     p = sub.add_parser("predict", help="classify texts with a saved model")
     p.add_argument("--model", required=True, help="folder of a saved model")
     p.add_argument("--input", help="JSON-lines file with a 'text' field per line")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--probabilities", action="store_true", help="also print the probability of every label")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     return parser
 
@@ -64,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
             train(load_config(args.config, args.overrides))
         elif args.command == "evaluate":
-            run_evaluate(args)
+            from harness.evaluation import evaluate_saved
+
+            evaluate_saved(args.model, args.config, args.overrides)
         elif args.command == "predict":
             run_predict(args)
         elif args.command == "plan":
@@ -78,33 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run_evaluate(args) -> dict:
-    from harness.config import load_config
-    from harness.data import Collator, build_split
-    from harness.distributed import build_accelerator
-    from harness.evaluation import eval_dataloader, evaluate
-    from harness.modeling import load_trained
-
-    cfg = load_config(args.config, args.overrides)
-    model_dir = Path(args.model)
-    accelerator = build_accelerator()
-    model, tokenizer = load_trained(model_dir)
-    num_labels = model.config.num_labels
-    d = cfg.data
-    with accelerator.local_main_process_first():
-        ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, cfg.train.seed, cfg.model.label_names, num_labels)
-    dl = eval_dataloader(ds, cfg.train.eval_batch_size or 2 * cfg.train.per_device_batch_size,
-                         Collator(tokenizer.pad_token_id or 0), d.num_workers)
-    model, dl = accelerator.prepare(model, dl)
-    metrics = evaluate(model, dl, accelerator, num_labels)
-    if accelerator.is_main_process:
-        (model_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"evaluated {metrics['num_examples']} examples on {accelerator.num_processes} process(es)", file=sys.stderr)
-        print(json.dumps(metrics), flush=True)
-    accelerator.end_training()
-    return metrics
-
-
 def run_plan(args) -> None:
     from harness.config import load_config
     from harness.plan import describe, get_value, plan
@@ -112,6 +90,11 @@ def run_plan(args) -> None:
     cfg = load_config(args.config, args.overrides)
     if args.get:
         print(get_value(cfg, args.get))
+        return
+    if args.status:
+        from harness.run_folder import RunFolder
+
+        print(RunFolder(cfg.train.output_dir).status(cfg))
         return
     for flag in ("nodes", "gpus_per_node"):
         value = getattr(args, flag)
@@ -121,47 +104,15 @@ def run_plan(args) -> None:
 
 
 def run_predict(args) -> None:
-    import torch
-
-    from harness.modeling import load_trained
+    from harness.predict import predict, read_jsonl_texts
 
     texts = list(args.texts)
     if args.input:
-        texts.extend(_read_jsonl_texts(Path(args.input)))
+        texts.extend(read_jsonl_texts(Path(args.input)))
     if not texts:
         raise BadInput("predict: give TEXT arguments or --input FILE.jsonl")
-    if args.batch_size < 1:
-        raise BadInput(f"predict: --batch-size must be at least 1, got {args.batch_size}")
-    model, tokenizer = load_trained(args.model)
-    model.eval()
-    id2label = model.config.id2label
-    max_length = min(getattr(model.config, "max_position_embeddings", 512), tokenizer.model_max_length, 512)
-    with torch.no_grad():
-        for i in range(0, len(texts), args.batch_size):
-            chunk = texts[i : i + args.batch_size]
-            enc = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            enc.pop("token_type_ids", None)
-            probs = model(**enc).logits.float().softmax(-1)
-            for text, p in zip(chunk, probs):
-                k = int(p.argmax())
-                print(json.dumps({"text": text, "label": id2label[k], "score": round(float(p[k]), 6)}), flush=True)
-
-
-def _read_jsonl_texts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise BadInput(f"--input file not found: {path}")
-    texts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{path} line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise BadInput(f"{path} line {n}: expected an object with a string 'text' field")
-        texts.append(row["text"])
-    return texts
+    for row in predict(args.model, texts, args.batch_size, args.probabilities):
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

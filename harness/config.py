@@ -96,6 +96,9 @@ class TrainConfig:
     fewer kernel-launch gaps at small batches), `max-autotune`, `max-autotune-no-cudagraphs`."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for the MFU figure (built in for A100, H100, H200 in bf16)."""
+    report_to: Union[str, list[str]] = "tensorboard"
+    """Experiment trackers through Accelerate: `tensorboard`, `wandb`, `mlflow`, `comet_ml`, `aim`, `clearml`,
+    `dvclive` (one or a list; each must be installed), or `none`. metrics.jsonl is always written."""
     sync_debug: bool = False
     """Count host-device synchronisations inside training steps and print the total at the end (CUDA only;
     torch.cuda.set_sync_debug_mode). A debugging aid: a step that waits for the GPU wastes it."""
@@ -286,6 +289,10 @@ def validate(cfg: Config) -> None:
         t.save_every is None or t.save_every == "epoch" or (isinstance(t.save_every, int) and t.save_every >= 1),
         f"train.save_every must be 'epoch', a positive number of steps or null, got {t.save_every!r}",
     )
+    trackers = [t.report_to] if isinstance(t.report_to, str) else t.report_to
+    unknown = [name for name in trackers if name not in TRACKERS and name != "none"]
+    need(not unknown and (trackers == ["none"] or "none" not in trackers),
+         f"train.report_to must be 'none' or among {', '.join(TRACKERS)}, got {t.report_to!r}")
     need(t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}")
     need(
         t.best_metric is None or t.best_metric in BEST_METRICS,
@@ -293,14 +300,9 @@ def validate(cfg: Config) -> None:
     )
 
 
+# train.report_to -> the module that must be importable for it
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim",
+            "clearml": "clearml", "dvclive": "dvclive"}
+
 # metric -> True when higher is better
 BEST_METRICS = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False}
-
-
-def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:
-    """Warmup in optimizer steps; refuses a warmup longer than the run."""
-    w = cfg.warmup_steps
-    steps = int(round(w * total_steps)) if 0 < w < 1 else int(w)
-    if steps > total_steps:
-        raise BadInput(f"train.warmup_steps={steps} is longer than the run ({total_steps} optimizer steps)")
-    return steps

@@ -25,6 +25,7 @@ from datasets import Dataset, load_dataset
 
 from harness.config import DataConfig
 from harness.errors import BadInput, first_line
+from harness.schedule import global_batch, steps_in_epoch
 
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 
@@ -262,10 +263,6 @@ def epoch_order(lengths: np.ndarray, seed: int, epoch: int, group_size: Optional
     return np.concatenate([g[np.argsort(-lengths[g], kind="stable")] for g in groups])
 
 
-def steps_in_epoch(num_examples: int, global_batch: int, position: int = 0) -> int:
-    return math.ceil(max(num_examples - position, 0) / global_batch)
-
-
 class StepBatchSampler:
     """This rank's micro-batches, `grad_accum` per optimizer step, for one epoch at a time.
 
@@ -287,7 +284,7 @@ class StepBatchSampler:
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.world_size
+        return global_batch(self.batch_size, self.grad_accum, self.world_size)
 
     def set_epoch(self, epoch: int, position: int = 0) -> None:
         self.epoch, self.position = epoch, position

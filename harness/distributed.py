@@ -17,6 +17,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from harness.config import TrainConfig
 from harness.errors import BadInput
+from harness.schedule import global_batch
 
 
 def deepspeed_requested() -> bool:
@@ -29,7 +30,9 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def build_accelerator(grad_accum_steps: int = 1) -> Accelerator:
+def build_accelerator(grad_accum_steps: int = 1, log_with: list[str] | None = None,
+                      logging_dir: str | None = None) -> Accelerator:
+    """The Accelerator for what the launcher asked; `log_with` trackers write under `logging_dir`."""
     if deepspeed_requested() and importlib.util.find_spec("deepspeed") is None:
         raise BadInput("the launch config asks for DeepSpeed, which is not installed: pip install -e '.[deepspeed]'")
     kwargs: dict = {}
@@ -41,6 +44,9 @@ def build_accelerator(grad_accum_steps: int = 1) -> Accelerator:
         else:
             # A MULTI_GPU launch config on a machine without GPUs still starts N ranks; cpu=True makes them gloo.
             kwargs["cpu"] = True
+    if log_with:
+        kwargs["log_with"] = log_with
+        kwargs["project_dir"] = logging_dir
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum_steps,
         # The schedule is sized in optimizer steps and stepped once per step, never once per process.
@@ -126,7 +132,7 @@ def deepspeed_values(written: dict, name: str, t: TrainConfig, world_size: int) 
         "train_micro_batch_size_per_gpu": (t.per_device_batch_size, "train.per_device_batch_size"),
         "gradient_accumulation_steps": (t.grad_accum_steps, "train.grad_accum_steps"),
         "train_batch_size": (
-            t.per_device_batch_size * t.grad_accum_steps * world_size,
+            global_batch(t.per_device_batch_size, t.grad_accum_steps, world_size),
             f"train.per_device_batch_size x train.grad_accum_steps x {world_size} processes",
         ),
         "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm"),

@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from harness.config import ModelConfig
 from harness.errors import BadInput, first_line
+from harness.schedule import training_flops_per_token
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -129,11 +130,16 @@ def peak_flops(configured: float | None) -> float | None:
     return None
 
 
-def flops_per_token(model: nn.Module):
-    """Training FLOPs per real token as a function of sequence length: 6 x non-embedding parameters
-    (forward and backward matmuls) + 12 x layers x hidden x sequence length (attention scores)."""
+def model_shape(model: nn.Module) -> tuple[int, int, int, int]:
+    """(all parameters, non-embedding parameters, layers, hidden size): what the FLOPs count needs."""
     embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    total = sum(p.numel() for p in model.parameters())
     non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in embedding)
-    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
-    return lambda seq_len: 6 * non_embedding + 12 * layers * hidden * seq_len
+    return total, non_embedding, model.config.num_hidden_layers, model.config.hidden_size
+
+
+def flops_per_token(model: nn.Module):
+    """Training FLOPs per real token as a function of sequence length (harness.schedule's formula)."""
+    _, non_embedding, layers, hidden = model_shape(model)
+    return lambda seq_len: training_flops_per_token(non_embedding, layers, hidden, seq_len)
 

@@ -19,11 +19,12 @@ from typing import Optional
 
 import yaml
 
-from harness.checkpoint import plan_start
-from harness.config import Config, warmup_steps_for
-from harness.data import load_split, steps_in_epoch
+from harness.config import Config
+from harness.data import load_split
 from harness.distributed import deepspeed_values, fill_deepspeed, read_deepspeed_json
 from harness.errors import BadInput
+from harness.run_folder import RunFolder
+from harness.schedule import Schedule, flops_upper_bound, training_flops_per_token
 
 
 @dataclass
@@ -115,22 +116,19 @@ def split_size(cfg: Config, split: str, requested: Optional[int]) -> tuple[int, 
     return n, str(n)
 
 
-def model_flops_per_token(cfg: Config) -> Optional[tuple[int, int, int, int]]:
-    """(non-embedding params, layers, hidden, vocab) from the model's config, or None if not available."""
+def model_shape_offline(cfg: Config) -> Optional[tuple[int, int, int, int]]:
+    """harness.modeling.model_shape of the configured model, built on the meta device (no weights), or None
+    where its config cannot be read here (offline, no cache)."""
     try:
         import torch
-        from torch import nn
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        from harness.modeling import resolve_model_path
+        from harness.modeling import model_shape, resolve_model_path
 
         mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path), num_labels=cfg.model.num_labels,
                                         trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(mc)
-        embedding = sum(p.numel() for mod in model.modules() if isinstance(mod, nn.Embedding) for p in mod.parameters())
-        total = sum(p.numel() for p in model.parameters())
-        return total - embedding, mc.num_hidden_layers, mc.hidden_size, total
+            return model_shape(AutoModelForSequenceClassification.from_config(mc))
     except Exception:  # offline without a cached config: the estimate is optional
         return None
 
@@ -139,7 +137,6 @@ def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] 
          gpus_per_node: Optional[int] = None, env=os.environ) -> dict:
     t, d = cfg.train, cfg.data
     world = world_from(read_launch_config(launch_config), nodes, gpus_per_node, env)
-    global_batch = t.per_device_batch_size * t.grad_accum_steps * world.processes
 
     ds_resolved = None
     if world.deepspeed_json:
@@ -152,31 +149,23 @@ def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] 
 
     n_train, train_text = split_size(cfg, d.train_split, d.train_samples)
     n_eval, eval_text = split_size(cfg, d.eval_split, d.eval_samples)
-    steps_per_epoch = steps_in_epoch(n_train, global_batch)
-    if n_train < global_batch:
-        raise BadInput(f"global batch {global_batch} (per-device {t.per_device_batch_size} x accumulation "
-                       f"{t.grad_accum_steps} x {world.processes} processes) is larger than the training set ({n_train})")
-    total = t.max_steps or t.epochs * steps_per_epoch
-    warmup = warmup_steps_for(t, total)
-    if isinstance(t.save_every, int) and t.save_every > total:
-        raise BadInput(f"train.save_every={t.save_every} is longer than the run ({total} optimizer steps): no checkpoint would be written")
-    if isinstance(t.eval_every, int) and t.eval_every > total:
-        raise BadInput(f"train.eval_every={t.eval_every} is longer than the run ({total} optimizer steps)")
-    start, checkpoint = plan_start(cfg, warn=lambda m: None)
+    schedule = Schedule.of(t, n_train, world.processes)  # what a fresh run of this config does
+    schedule.check_cadence(t)
+    start, checkpoint = RunFolder(t.output_dir).decide(cfg, warn=lambda m: None)
 
     flops = None
-    shape = model_flops_per_token(cfg)
+    shape = model_shape_offline(cfg)
     if shape is not None:
-        non_embedding, layers, hidden, params = shape
-        per_token = 6 * non_embedding + 12 * layers * hidden * d.max_length
-        tokens = total * global_batch * d.max_length
-        flops = {"parameters": params, "non_embedding_parameters": non_embedding,
-                 "flops_per_token": per_token, "training_flops_upper_bound": per_token * tokens}
+        params, non_embedding, layers, hidden = shape
+        per_token = training_flops_per_token(non_embedding, layers, hidden, d.max_length)
+        flops = {"parameters": params, "non_embedding_parameters": non_embedding, "flops_per_token": per_token,
+                 "training_flops_upper_bound": flops_upper_bound(per_token, schedule.total_steps,
+                                                                 schedule.global_batch, d.max_length)}
 
     return {
-        "world": world, "global_batch": global_batch, "train_examples": train_text, "eval_examples": eval_text,
-        "steps_per_epoch": steps_per_epoch, "total_steps": total, "epochs": total / steps_per_epoch,
-        "warmup": warmup, "deepspeed": ds_resolved, "flops": flops, "start": start, "checkpoint": checkpoint,
+        "world": world, "global_batch": schedule.global_batch, "train_examples": train_text, "eval_examples": eval_text,
+        "steps_per_epoch": schedule.steps_per_epoch, "total_steps": schedule.total_steps,
+        "epochs": schedule.total_steps / schedule.steps_per_epoch, "warmup": schedule.warmup, "deepspeed": ds_resolved, "flops": flops, "start": start, "checkpoint": checkpoint,
     }
 
 

@@ -16,37 +16,51 @@ from pathlib import Path
 import torch
 
 
-class MetricsLog:
-    """`metrics.jsonl` and TensorBoard, written by the main process only (one event file per run)."""
+def trackers(report_to) -> list[str]:
+    """`train.report_to` as Accelerate's `log_with` list; a tracker that is not installed is bad input."""
+    import importlib.util
 
-    def __init__(self, out: Path, enabled: bool, resume_step: int | None):
-        """A resumed run drops records past its checkpoint (they will be redone); a fresh run's folder was
-        already emptied by `clear_run`."""
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        self.path = out / "metrics.jsonl"
-        if resume_step is not None and self.path.is_file():
+    from harness.config import TRACKERS
+    from harness.errors import BadInput
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = [n for n in names if n != "none"]
+    for name in names:
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise BadInput(f"train.report_to={name}: the package '{TRACKERS[name]}' is not installed (pip install {name})")
+    return names
+
+
+class MetricsLog:
+    """`metrics.jsonl` (always, main process only) plus Accelerate's trackers (`train.report_to`).
+
+    A resumed run drops the records past its checkpoint (they will be redone): from metrics.jsonl here,
+    and from TensorBoard through its `purge_step`. A fresh run's folder was emptied by RunFolder.begin.
+    """
+
+    def __init__(self, accelerator, run, cfg, resume_step: int | None):
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
+        self.path = run.metrics
+        if self.enabled and resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step is not None else None)
+        self.tracking = bool(accelerator.log_with)
+        if self.tracking:
+            flat = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+                    for section, values in cfg.to_dict().items() for key, value in values.items()}
+            purge = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step is not None else {}
+            accelerator.init_trackers(run.root.name or "harness", config=flat, init_kwargs=purge)
 
     def log(self, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        for key, value in values.items():
-            if isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, step)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tracking:  # Accelerate logs on the main process only
+            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self.tracking = False  # the trackers themselves are finished by accelerator.end_training()
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -19,35 +19,34 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from harness.checkpoint import Progress, clear_run, plan_start, read_progress, save_checkpoint, save_model
-from harness.config import BEST_METRICS, Config, warmup_steps_for
+from harness.checkpoint import Progress, read_progress, save_checkpoint, save_model
+from harness.config import BEST_METRICS, Config
 from harness.data import Collator, StepBatchSampler, build_split, pad_multiple
 from harness.distributed import StopFlag, build_accelerator, check_world_size, configure_deepspeed, configure_fsdp, sharding
 from harness.errors import BadInput, first_line
 from harness.evaluation import eval_dataloader, evaluate
 from harness.modeling import attention_mask_for, build_optimizer, flops_per_token, linear_schedule, load_model, load_tokenizer, peak_flops
-from harness.tracking import DtypeProbe, MetricsLog, SyncWatch, Throughput
+from harness.run_folder import RunFolder
+from harness.schedule import Schedule, eval_batch_size
+from harness.tracking import DtypeProbe, MetricsLog, SyncWatch, Throughput, trackers
 
 
 def train(cfg: Config) -> dict:
     t, d = cfg.train, cfg.data
-    out = Path(t.output_dir)
-    accelerator = build_accelerator(t.grad_accum_steps)
+    run = RunFolder(t.output_dir)
+    accelerator = build_accelerator(t.grad_accum_steps, trackers(t.report_to), str(run.tensorboard))
 
     def say(message: str) -> None:  # once per job, not once per node
         if accelerator.is_main_process:
             print(message, flush=True)
 
-    start, checkpoint = plan_start(cfg, warn=say)
+    start, checkpoint = run.decide(cfg, warn=say)
     if start == "finished":
-        say(f"{out} already holds a finished run of this config ({out / 'final'}); nothing to do")
+        say(f"{run.root} already holds a finished run of this config ({run.final}); nothing to do")
         return {}
     accelerator.wait_for_everyone()  # every rank has looked at output_dir before the main process writes there
     if accelerator.is_main_process:
-        if start == "fresh":
-            clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
+        run.begin(cfg, fresh=start == "fresh")
     set_seed(t.seed)
 
     # Data: each node's first process tokenizes and fills the datasets cache, the others read it.
@@ -67,16 +66,15 @@ def train(cfg: Config) -> dict:
     # runs then see exactly the random numbers of an uninterrupted one.
     train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                           pin_memory=torch.cuda.is_available(), generator=torch.Generator())
-    eval_dl = eval_dataloader(eval_ds, t.eval_batch_size or 2 * t.per_device_batch_size, collate, d.num_workers)
+    eval_dl = eval_dataloader(eval_ds, eval_batch_size(t), collate, d.num_workers)
 
     # Where to start, and the schedule in optimizer steps for this world size and accumulation.
     state = read_progress(checkpoint) if checkpoint else Progress()
     if state.position >= len(train_ds):
         state.epoch, state.position = state.epoch + 1, 0
-    steps_per_epoch = sampler.steps()
     sampler.set_epoch(state.epoch, state.position)
-    total_steps = t.max_steps or state.step + sampler.steps() + (t.epochs - state.epoch - 1) * steps_per_epoch
-    warmup = warmup_steps_for(t, total_steps)
+    schedule = Schedule.of(t, len(train_ds), accelerator.num_processes, state.step, state.epoch, state.position)
+    total_steps = schedule.total_steps
 
     model = load_model(cfg.model)
     model_flops = flops_per_token(model)  # read off the bare model, before any wrapper
@@ -86,21 +84,21 @@ def train(cfg: Config) -> dict:
                                 fused=accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None)
     if t.compile:
         model = torch.compile(model, mode=t.compile_mode)  # one graph per padded length (data.pad_multiple)
-    scheduler = linear_schedule(optimizer, warmup, total_steps)
+    scheduler = linear_schedule(optimizer, schedule.warmup, total_steps)
     configure_deepspeed(accelerator, t)
     configure_fsdp(accelerator, model)
     model, optimizer, scheduler, eval_dl = accelerator.prepare(model, optimizer, scheduler, eval_dl)
     if accelerator.state.deepspeed_plugin is not None and accelerator.is_main_process:
         resolved = json.dumps(accelerator.deepspeed_config, indent=2, default=str)
-        (out / "deepspeed_config.json").write_text(resolved + "\n")
-        print(f"DeepSpeed config (resolved, also in {out / 'deepspeed_config.json'}):\n{resolved}", flush=True)
+        run.deepspeed_config.write_text(resolved + "\n")
+        print(f"DeepSpeed config (resolved, also in {run.deepspeed_config}):\n{resolved}", flush=True)
     if checkpoint:
         check_world_size(state.world_size, state.sharding, accelerator)
         load_state(accelerator, checkpoint)
         say(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
             f"{state.position} of {len(train_ds)} examples of the epoch done")
 
-    log = MetricsLog(out, accelerator.is_main_process, resume_step=state.step if checkpoint else None)
+    log = MetricsLog(accelerator, run, cfg, resume_step=state.step if checkpoint else None)
     say(
         f"parallelism: {sharding(accelerator) or ('DDP' if accelerator.num_processes > 1 else 'one process')} on "
         f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}"
@@ -108,14 +106,14 @@ def train(cfg: Config) -> dict:
     say(
         f"train: {len(train_ds)} examples, eval: {len(eval_ds)}; {accelerator.num_processes} process(es) x "
         f"batch {t.per_device_batch_size} x accumulation {t.grad_accum_steps} = {sampler.global_batch} per step; "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup}"
+        f"{schedule.steps_per_epoch} steps/epoch, {total_steps} steps, warmup {schedule.warmup}"
     )
 
     def save(progress: Progress) -> Path:
         progress.world_size, progress.global_batch = accelerator.num_processes, sampler.global_batch
         progress.sharding = sharding(accelerator)
         tic = time.perf_counter()
-        path = save_checkpoint(accelerator, out, progress, t.keep_last)
+        path = save_checkpoint(accelerator, run.root, progress, t.keep_last)
         say(f"checkpoint {path} written in {time.perf_counter() - tic:.2f} s")
         return path
 
@@ -128,7 +126,7 @@ def train(cfg: Config) -> dict:
             value, higher = metrics[t.best_metric], BEST_METRICS[t.best_metric]
             if state.best_value is None or (value > state.best_value if higher else value < state.best_value):
                 state.best_value = value
-                save_model(accelerator, model, tokenizer, out / "best", extra={"step": step, **metrics})
+                save_model(accelerator, model, tokenizer, run.best, extra={"step": step, **metrics}, training_config=cfg.to_yaml())
         return metrics
 
     stop = StopFlag().install(accelerator)
@@ -194,8 +192,8 @@ def train(cfg: Config) -> dict:
                     save(state)
         if last_eval_step != step:
             metrics = evaluate_and_keep_best(step)
-        save_model(accelerator, model, tokenizer, out / "final", extra=metrics)
-        say(f"saved {out / 'final'}")
+        save_model(accelerator, model, tokenizer, run.final, extra=metrics, training_config=cfg.to_yaml())
+        say(f"saved {run.final}")
         say(json.dumps(metrics))
         return metrics
     finally:  # every way out: the stop path, the end, and an error

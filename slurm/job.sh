@@ -19,7 +19,6 @@ export TOKENIZERS_PARALLELISM=false  # no tokenizer threads forked into dataload
 
 echo "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES:-?} node(s): $SLURM_JOB_NODELIST"
 python -m harness plan --config "$CONFIG" --launch-config "$LAUNCH_CONFIG" "$@" || exit $?
-OUTPUT_DIR=$(python -m harness plan --config "$CONFIG" --get train.output_dir "$@")
 
 preempted=0
 step=
@@ -32,8 +31,10 @@ while true; do
   kill -0 "$step" 2>/dev/null || break
 done
 
-if [ -f "$OUTPUT_DIR/final/config.json" ]; then
-  echo "training finished: $OUTPUT_DIR/final"
+# the run folder decides whether the run is finished (harness/run_folder.py), not this script
+run_status=$(python -m harness plan --config "$CONFIG" --status "$@" 2>/dev/null | tail -n 1)
+if [ "$run_status" = finished ]; then
+  echo "training finished: $(python -m harness plan --config "$CONFIG" --get train.output_dir "$@")/final"
   exit 0
 fi
 if [ "$preempted" = 1 ] && [ "$status" = 0 ]; then

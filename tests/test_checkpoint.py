@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from harness.checkpoint import COMPLETE, latest_checkpoint
-from tests.conftest import CPU_LAUNCH, REPO, free_port, harness, losses, ok, write_config
+from tests.helpers import CPU_LAUNCH, REPO, free_port, harness, losses, ok, write_config
 
 
 def same_weights(a, b):
@@ -82,6 +82,25 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_the_uninterrupted_run(tmp_pa
     assert {s: straight[s] for s in after} == after, "identical per-step losses after resume"
     assert losses(saving) == straight, "saving checkpoints does not perturb training"
     assert same_weights(tmp_path / "straight", resumed) and same_weights(tmp_path / "straight", saving)
+
+
+def test_samples_seen_is_exact_after_a_resume_between_log_steps(tmp_path, tiny_model):
+    """Logging every 4 steps and a checkpoint at step 5 (between two log steps): the resumed run counts
+    the samples of steps 1-5 that no log record had reported yet."""
+    sections = {"data": {"train_samples": 40}, "train": {"max_steps": 12, "log_every": 4, "eval_every": 100}}
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "straight", **sections)
+    ok(harness("train", "--config", str(cfg), "train.save_every=5"))
+    resumed = tmp_path / "resumed"
+    ok(harness("train", "--config", str(cfg), f"train.output_dir={resumed}", "train.save_every=5",
+               f"train.resume={tmp_path / 'straight' / 'checkpoints' / 'step-00000005'}"))
+    assert json.loads((tmp_path / "straight" / "checkpoints" / "step-00000005" / "progress.json").read_text())["samples_seen"] == 20
+
+    def seen(out):
+        return {r["step"]: r["train/samples_seen"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if "train/samples_seen" in r}
+
+    assert seen(tmp_path / "straight") == {4: 16, 8: 32, 12: 48}  # 40 an epoch, batch 4: step 12 is 8 into epoch 2
+    assert seen(resumed) == {8: 32, 12: 48}
 
 
 LONG = {"data": {"train_samples": 64}, "train": {"max_steps": 80, "eval_every": 1000}}

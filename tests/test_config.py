@@ -2,9 +2,10 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import load_config, warmup_steps_for
+from harness.config import load_config
+from harness.schedule import warmup_steps_for
 from harness.errors import BadInput
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -10,7 +10,7 @@ from harness.data import (
     Collator, StepBatchSampler, epoch_order, load_split, stratified_indices, subset, synthetic_split, tokenize,
 )
 from harness.errors import BadInput
-from tests.conftest import IMDB_SAMPLE
+from tests.helpers import IMDB_SAMPLE
 
 
 def test_subset_of_a_label_sorted_split_keeps_the_class_balance():

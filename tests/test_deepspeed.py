@@ -11,7 +11,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, harness, launch, losses, ok, write_config
+from tests.helpers import REPO, harness, launch, losses, ok, write_config
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional dependency: pip install -e '.[deepspeed]'")
 pytestmark = pytest.mark.slow

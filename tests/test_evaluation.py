@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness.evaluation import classification_metrics
-from tests.conftest import harness, ok, write_config
+from tests.helpers import harness, ok, write_config
 
 
 def test_metrics_against_hand_counts():

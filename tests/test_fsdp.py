@@ -10,7 +10,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, harness, launch, losses, ok
+from tests.helpers import REPO, harness, launch, losses, ok
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import REPO, launch, ok, write_config
+from tests.helpers import REPO, launch, ok, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_every_launch_config_is_covered_and_deepspeed_precision_has_one_source()
 
 
 # cpu.yaml is left out of the parametrisation only because every 2-rank test of the suite already launches it
-# exactly as shipped (tests/conftest.py's `harness(..., procs=2)`).
+# exactly as shipped (tests/helpers.py's `harness(..., procs=2)`).
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.name != "cpu.yaml"], ids=lambda p: p.stem)
 def test_launch_config_trains_checkpoints_and_exports_as_shipped(path, tmp_path, tiny_model):
     config = yaml.safe_load(path.read_text())

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from harness.cli import main
-from tests.conftest import REPO, write_config
+from tests.helpers import REPO, write_config
 
 LAUNCH = sorted((REPO / "launch_configs" / "accelerate").glob("*.yaml"))
 

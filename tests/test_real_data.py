@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import IMDB_SAMPLE, harness, minilm_path, ok, write_config
+from tests.helpers import IMDB_SAMPLE, harness, minilm_path, ok, write_config
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The sbatch scripts under a fake Slurm (PATH shims), and a real 2-node launch on one machine."""
 
+import json
 import os
 import shutil
 import signal
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import CPU_LAUNCH, REPO, free_port, write_config
+from tests.helpers import CPU_LAUNCH, REPO, free_port, write_config
 
 SLURM = REPO / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sbatch")) + sorted(SLURM.glob("*.sh"))
@@ -155,4 +156,8 @@ def test_two_launchers_from_the_node_script_train_one_model(tmp_path, tiny_model
     assert "--num_machines 2 --num_processes 2 --machine_rank 1 --main_process_ip 127.0.0.1" in results[1][0]
     assert "2 process(es)" in results[0][0]
     assert (out / "final" / "model.safetensors").is_file()
-    assert sum(stdout.count("saved ") for stdout, _ in results) == 1, "one final model, written once"
+    # one writer: several ranks appending would repeat steps in metrics.jsonl and add TensorBoard files
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
+    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 2  # scalars + hparams

@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from tests.conftest import harness, ok, write_config
+from tests.helpers import harness, ok, write_config
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,14 @@ def test_train_writes_config_metrics_tensorboard_and_an_hf_model(trained):
     assert len(train) == 48 and all(r["train/tokens_per_s"] > 0 for r in train)
     assert 0 <= train[0]["train/padding_fraction"] < 1
     assert all(0 < r["train/mfu"] < 1 and r["train/peak_mem_mb"] > 0 for r in train), "MFU against train.peak_flops"
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard through Accelerate's tracker: the same 48 loss points as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (out / "tensorboard" / "run").glob("events.out.tfevents.*")
+    board = EventAccumulator(str(events))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [r["step"] for r in train]
+    assert board.Scalars("train/loss")[-1].value == pytest.approx(train[-1]["train/loss"], rel=1e-6)
     final = json.loads((out / "final" / "eval_results.json").read_text())
     assert final["num_examples"] == 41
     assert json.loads(result.stdout.strip().splitlines()[-1]) == final
@@ -44,19 +52,34 @@ def test_saved_model_loads_in_from_pretrained_and_pipeline(trained):
 
 def test_evaluate_reproduces_the_in_training_metrics(trained):
     cfg, out, _ = trained
+    final = json.loads((out / "final" / "eval_results.json").read_text())
+    # no --config: the data and preprocessing come from the training_config.yaml exported beside the model
+    r = ok(harness("evaluate", "--model", str(out / "final")))
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == pytest.approx(final)
     r = ok(harness("evaluate", "--model", str(out / "final"), "--config", str(cfg)))
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
-    final = json.loads((out / "final" / "eval_results.json").read_text())
     assert metrics["num_examples"] == 41 and metrics["accuracy"] == final["accuracy"]
     assert metrics["loss"] == pytest.approx(final["loss"], abs=1e-5)
 
 
 def test_predict_from_arguments_and_jsonl(trained, tmp_path):
     _, out, _ = trained
-    r = ok(harness("predict", "--model", str(out / "final"), "a wonderful film", "a dull plot"))
+    texts = ["a dull plot", "the acting was wonderful and the ending was moving, from start to finish", "dull"]
+    r = ok(harness("predict", "--model", str(out / "final"), "--probabilities", "--batch-size", "2", *texts))
     rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
-    assert [row["text"] for row in rows] == ["a wonderful film", "a dull plot"]
-    assert all(row["label"] in {"negative", "positive"} and 0.5 <= row["score"] <= 1 for row in rows)
+    assert [row["text"] for row in rows] == texts, "input order, although batches are formed by length"
+    # the same numbers as the model run by hand on each text alone (no padding at all)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    for row, text in zip(rows, texts):
+        enc = tok(text, return_tensors="pt", return_token_type_ids=False)
+        with torch.no_grad():
+            p = model(**enc).logits.softmax(-1)[0]
+        expected = {model.config.id2label[i]: float(p[i]) for i in range(2)}
+        assert row["probabilities"] == pytest.approx(expected, abs=1e-5)
+        assert row["label"] == max(expected, key=expected.get) and row["score"] == pytest.approx(max(expected.values()), abs=1e-5)
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
     r = ok(harness("predict", "--model", str(out / "final"), "--input", str(inp)))

