@@ -18,8 +18,9 @@ def child_env() -> dict:
     return {**os.environ, "PYTHONPATH": path}
 
 
-def run_child(script: str, args: list[str], system: str) -> dict:
-    proc = subprocess.run([sys.executable, script, *args, "--child", system], cwd=REPO, capture_output=True, text=True,
+def run_child(module: str, args: list[str], system: str) -> dict:
+    """`python -m MODULE ARGS --child SYSTEM` from the repository root; returns its RESULT."""
+    proc = subprocess.run([sys.executable, "-m", module, *args, "--child", system], cwd=REPO, capture_output=True, text=True,
                           env=child_env())
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode or line is None:

@@ -1,7 +1,7 @@
 """Eval accuracy on the same data and budget: the best-configured HF Trainer vs harness (head and head_tail).
 
-    python benchmarks/accuracy.py                         # MiniLM, 800 imdb-sample reviews, 2 epochs, max_length 128
-    python benchmarks/accuracy.py --train-samples 2000 --max-length 256 --epochs 1 --lr 5e-5
+    python -m benchmarks.accuracy                         # MiniLM, 800 imdb-sample reviews, 2 epochs, max_length 128
+    python -m benchmarks.accuracy --train-samples 2000 --max-length 256 --epochs 1 --lr 5e-5
 
 Same model, training reviews (a stratified, seeded subset), epochs, batch, learning rate, warmup,
 max_length and bf16 for every system; each is scored on the whole test file.
@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks._children import report, run_child  # noqa: E402
+from benchmarks._children import report, run_child
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb-sample"
 SYSTEMS = ("trainer", "harness", "harness_headtail")
@@ -118,7 +115,7 @@ def main(argv=None) -> int:
                   f"--lr={args.lr}", f"--attn={args.attn}"]
     results = {}
     for system in (s for s in args.systems.split(",") if s):
-        results[system] = run_child(__file__, child_args, system)
+        results[system] = run_child(__spec__.name, child_args, system)
         print(f"{system}: {results[system]}", flush=True)
     print(f"\n{args.model}, {args.train_samples} training reviews, {args.epochs} epochs, max_length {args.max_length}, "
           f"batch {args.batch}, lr {args.lr}, bf16; scored on the whole test file")

@@ -18,10 +18,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_DATASETS_O
 OUT=${OUT:-.}
 ASSETS=${ASSETS:-/tmp/harness-gpu-assets}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 benchmarks/gpu_bench.py --assets "$ASSETS" --examples "${EXAMPLES:-6000}" --build-only
-python3 benchmarks/throughput.py --model "$ASSETS/bert-base-random" --data "$ASSETS/data" --samples "${SAMPLES:-1024}" \
+python3 -m benchmarks.gpu_bench --assets "$ASSETS" --examples "${EXAMPLES:-6000}" --build-only
+python3 -m benchmarks.throughput --model "$ASSETS/bert-base-random" --data "$ASSETS/data" --samples "${SAMPLES:-1024}" \
     --batch 8 --rounds 1 --systems seed,trainer,harness_v01,harness --json "$OUT/throughput.json" | tee "$OUT/throughput.txt"
-python3 benchmarks/gpu_bench.py --assets "$ASSETS" --steps "${STEPS:-100}" --warmup "${WARMUP:-40}" \
+python3 -m benchmarks.gpu_bench --assets "$ASSETS" --steps "${STEPS:-100}" --warmup "${WARMUP:-40}" \
     --batches "${BATCHES:-8,128}" --variants "${VARIANTS:-v0.1,default,compile}" --out "$OUT" | tee "$OUT/gpu_bench.txt"
 echo
 cat "$OUT/throughput.txt" | sed -n '/^| system/,$p'

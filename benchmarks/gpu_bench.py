@@ -15,15 +15,13 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks._children import report, run_child
 
 
 def build_assets(root: Path, examples: int, seed: int = 0) -> tuple[Path, Path]:
@@ -64,17 +62,11 @@ VARIANTS = {
 
 def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, variant: str, warmup: int,
         peak_flops: float | None = None) -> dict:
-    from accelerate.state import AcceleratorState, GradientState
-
     from harness.config import load_config
     from harness.trainer import train
 
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()  # each run reports its own peak
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     cfg = load_config(None, [
         f"model.name_or_path={model_dir}", "model.num_labels=2", f"data.dataset={data_dir}", "data.max_length=512",
         "data.eval_samples=256", "data.num_workers=2", f"train.output_dir={out}", f"train.max_steps={steps}",
@@ -110,6 +102,7 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--assets", help="folder for the model and data: built there if absent, else reused")
     p.add_argument("--build-only", action="store_true", help="build --assets and exit")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # BATCH:VARIANT, one run in a fresh process
     args = p.parse_args()
     os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -128,14 +121,22 @@ def main() -> int:
         print(f"assets built in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.build_only:
         return 0
-    results, runs = [], Path(tempfile.mkdtemp())  # fresh run folders: a finished one would not train again
+    if args.child:  # one run, in its own process: no Accelerate state or compiled graphs carried over
+        batch, variant = args.child.split(":")
+        report(run(model_dir, data_dir, Path(tempfile.mkdtemp()) / "run", int(batch), args.steps, variant,
+                   args.warmup, args.peak_flops))
+        return 0
+    results = []
+    child_args = [f"--assets={root}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+                  *([f"--peak-flops={args.peak_flops}"] if args.peak_flops else [])]
     for batch in (int(b) for b in args.batches.split(",")):
         for variant in args.variants.split(","):
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r}: choose among {', '.join(VARIANTS)}")
             try:
-                r = run(model_dir, data_dir, runs / f"run-b{batch}-{variant}", batch, args.steps, variant,
-                        args.warmup, args.peak_flops)
-            except Exception as e:  # one variant failing (say, CUDA graphs) must not lose the others' figures
-                print(f"variant {variant} at batch {batch} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                r = run_child("benchmarks.gpu_bench", child_args, f"{batch}:{variant}")
+            except SystemExit as e:  # one variant failing (say, CUDA graphs) must not lose the others' figures
+                print(f"variant {variant} at batch {batch} failed: {e}", flush=True)
                 continue
             results.append(r)
             print("RESULT " + json.dumps(r), flush=True)

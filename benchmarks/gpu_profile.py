@@ -1,6 +1,6 @@
 """Where a bert-base training step of harness spends its time on one NVIDIA GPU (torch.profiler).
 
-    PYTHONPATH=. python3 benchmarks/gpu_profile.py --batch 128 --steps 30
+    python3 -m benchmarks.gpu_profile --batch 128 --steps 30
 
 Builds the same offline assets as benchmarks/gpu_bench.py, runs `harness train` for a few steps under
 torch.profiler, and prints the busy fraction of the GPU (kernel time over wall time of the profiled
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_bench import build_assets  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from benchmarks.gpu_bench import build_assets
 
 
 def main() -> int:

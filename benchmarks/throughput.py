@@ -1,7 +1,7 @@
 """Training throughput: the seed recipe vs the best-configured HF Trainer vs harness, interleaved.
 
-    python benchmarks/throughput.py                       # MiniLM, ../shared/data/imdb-sample, max_length 512, batch 8
-    python benchmarks/throughput.py --steps 20 --rounds 3 --attn eager --max-length 256
+    python -m benchmarks.throughput                       # MiniLM, ../shared/data/imdb-sample, max_length 512, batch 8
+    python -m benchmarks.throughput --steps 20 --rounds 3 --attn eager --max-length 256
 
 Each system trains the same model on the same reviews with the same max_length, per-device batch and
 number of optimizer steps, in its own process, A B C A B C ... for --rounds rounds. By default a run is
@@ -23,17 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks._children import report, run_child  # noqa: E402
+from benchmarks._children import report, run_child
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb-sample"
 SYSTEMS = ("seed", "trainer", "harness")
@@ -57,14 +53,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- children: one run of one system
-
-
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_reviews(args):
@@ -159,11 +147,15 @@ def run_harness(args, extra: list[str] = ()) -> dict:
 
 
 def summarize(batches, elapsed: float) -> dict:
+    import torch
+
+    from harness.tracking import peak_memory_mb
+
     real = sum(b[0] for b in batches)
     padded = sum(b[1] for b in batches)
     samples = sum(b[2] for b in batches)
     return {"samples_per_s": samples / elapsed, "tokens_per_s": real / elapsed, "padding_fraction": 1 - real / padded,
-            "peak_mem_mb": peak_memory_mb(), "timed_steps": len(batches), "seconds": elapsed}
+            "peak_mem_mb": peak_memory_mb(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "timed_steps": len(batches), "seconds": elapsed}
 
 
 # ---------------------------------------------------------------- parent: interleave, then tabulate
@@ -191,7 +183,7 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds):
         for system in systems:
             t0 = time.perf_counter()
-            runs[system].append(run_child(__file__, child_args, system))
+            runs[system].append(run_child(__spec__.name, child_args, system))
             r = runs[system][-1]
             print(f"round {rnd + 1} {system:8s} {r['samples_per_s']:7.2f} samples/s  {r['tokens_per_s']:8.1f} tokens/s  "
                   f"({time.perf_counter() - t0:.0f} s wall)", flush=True)

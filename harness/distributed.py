@@ -39,7 +39,7 @@ def build_accelerator(grad_accum_steps: int = 1, log_with: list[str] | None = No
     if not torch.cuda.is_available():
         if deepspeed_requested() or fsdp_requested():
             # cpu=True would drop the DeepSpeed/FSDP plugin; without an explicit backend Accelerate records one
-            # process while DeepSpeed sees the whole world (see ENVIRONMENT.md).
+            # process while DeepSpeed sees the whole world, and DeepSpeed then refuses the batch arithmetic.
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         else:
             # A MULTI_GPU launch config on a machine without GPUs still starts N ranks; cpu=True makes them gloo.

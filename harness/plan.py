@@ -22,7 +22,7 @@ import yaml
 from harness.config import Config
 from harness.data import load_split
 from harness.distributed import deepspeed_values, fill_deepspeed, read_deepspeed_json
-from harness.errors import BadInput
+from harness.errors import BadInput, first_line
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule, flops_upper_bound, training_flops_per_token
 
@@ -49,6 +49,12 @@ def read_launch_config(path: Optional[str]) -> dict:
         raise BadInput(f"--launch-config {p} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise BadInput(f"--launch-config {p} must be a mapping")
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:  # what `accelerate launch` itself would refuse (unknown keys, bad values), refused here first
+        load_config_from_file(str(p))
+    except Exception as e:
+        raise BadInput(f"--launch-config {p}: accelerate cannot use it: {first_line(e)}") from None
     return raw
 
 

@@ -103,3 +103,28 @@ def test_an_unreachable_hub_dataset_says_how_to_plan_without_it(capsys, monkeypa
     monkeypatch.chdir(REPO)
     code, _, err = plan(capsys, "--config", "configs/bert_base_imdb.yaml")
     assert code == 2 and "set data.train_samples and data.eval_samples" in err
+
+
+def test_a_launch_config_that_accelerate_refuses_is_refused_before_any_launch(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "launch_configs" / "accelerate" / "multi_gpu.yaml").read_text() + "num_gpus_typo: 8\n")
+    code, _, err = plan(capsys, "--config", "configs/quickstart.yaml", "--launch-config", str(bad))
+    assert code == 2 and err.startswith(f"harness: error: --launch-config {bad}: accelerate cannot use it:")
+    assert "num_gpus_typo" in err and err.count("\n") == 1
+    ds = tmp_path / "ds.yaml"  # pitfall 20: mixed_precision beside a DeepSpeed JSON
+    ds.write_text((REPO / "launch_configs" / "accelerate" / "deepspeed_zero2.yaml").read_text() + "mixed_precision: bf16\n")
+    code, _, err = plan(capsys, "--config", "configs/quickstart.yaml", "--launch-config", str(ds))
+    assert code == 2 and "also sets mixed_precision, which Accelerate refuses at start" in err
+
+
+def test_plan_describes_fsdp2_and_deepspeed_precision_from_the_json(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    code, out, _ = plan(capsys, "--config", "configs/quickstart.yaml", "--launch-config",
+                        "launch_configs/accelerate/fsdp2_shard_grad_op.yaml", f"train.output_dir={tmp_path / 'q'}")
+    assert code == 0 and "parallelism     FSDP2 (gradient/optimizer sharding)" in out and "precision       bf16 (from the launch config)" in out
+    code, out, _ = plan(capsys, "--config", "configs/quickstart.yaml", "--launch-config",
+                        "launch_configs/accelerate/deepspeed_zero3_offload.yaml", f"train.output_dir={tmp_path / 'q'}")
+    assert code == 0 and "parallelism     DeepSpeed ZeRO-3 (offload: optimizer, param)" in out
+    assert "precision       bf16 (from launch_configs/deepspeed/zero3_offload.json)" in out
