@@ -312,3 +312,31 @@ class StepBatchSampler:
         order = epoch_order(self.lengths, self.seed, self.epoch, self.group_size)
         for start in range(self.position, len(order), self.global_batch):
             yield from self.step_batches(order, start)
+
+
+def training_data(cfg, tokenizer, accelerator):
+    """(train set, eval set, this rank's sampler, train loader, eval loader) for a run of `cfg`.
+
+    Each node's first process tokenizes and fills the datasets cache; the others then read it.
+    """
+    from torch.utils.data import DataLoader
+
+    from harness.evaluation import eval_dataloader
+    from harness.schedule import eval_batch_size
+
+    t, d, m = cfg.train, cfg.data, cfg.model
+    with accelerator.local_main_process_first():
+        train_ds = build_split(d, d.train_split, tokenizer, d.train_samples, t.seed, m.label_names, m.num_labels)
+        eval_ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, t.seed, m.label_names, m.num_labels)
+    # Each new padded length costs attention plans and compiled graphs on GPUs: few lengths there.
+    multiple = pad_multiple(d.pad_multiple, t.compile, accelerator.device.type == "cuda")
+    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, multiple)
+    sampler = StepBatchSampler(train_ds["length"], t.per_device_batch_size, t.grad_accum_steps,
+                               accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length)
+    # Not passed to prepare(): the sampler already gives each rank its own batches. The loaders get their
+    # own generators so that starting one never draws from the global RNG (dropout) stream: resumed
+    # runs then see exactly the random numbers of an uninterrupted one.
+    train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+    eval_dl = eval_dataloader(eval_ds, eval_batch_size(t), collate, d.num_workers)
+    return train_ds, eval_ds, sampler, train_dl, eval_dl

@@ -176,6 +176,15 @@ def configure_fsdp(accelerator: Accelerator, model) -> None:
         plugin.transformer_cls_names_to_wrap = names
 
 
+def record_deepspeed_config(accelerator: Accelerator, path) -> None:
+    """Under DeepSpeed, print the config as resolved (auto values filled) and write it to `path` (main process)."""
+    if accelerator.state.deepspeed_plugin is None or not accelerator.is_main_process:
+        return
+    resolved = json.dumps(accelerator.deepspeed_config, indent=2, default=str)
+    path.write_text(resolved + "\n")
+    print(f"DeepSpeed config (resolved, also in {path}):\n{resolved}", flush=True)
+
+
 def fill_deepspeed(config: dict, values: dict) -> dict:
     """Write dotted keys (`zero_optimization.stage`) into a DeepSpeed config dict, in place."""
     for dotted, value in values.items():

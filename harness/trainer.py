@@ -10,24 +10,25 @@ only the few places that write files check for the main process.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from harness.checkpoint import Progress, read_progress, save_checkpoint, save_model
 from harness.config import BEST_METRICS, Config
-from harness.data import Collator, StepBatchSampler, build_split, pad_multiple
-from harness.distributed import StopFlag, build_accelerator, check_world_size, configure_deepspeed, configure_fsdp, sharding
+from harness.data import training_data
+from harness.distributed import (StopFlag, build_accelerator, check_world_size, configure_deepspeed, configure_fsdp,
+                                 record_deepspeed_config, sharding)
 from harness.errors import BadInput, first_line
-from harness.evaluation import eval_dataloader, evaluate
+from harness.evaluation import evaluate
 from harness.modeling import attention_mask_for, build_optimizer, flops_per_token, linear_schedule, load_model, load_tokenizer, peak_flops
 from harness.run_folder import RunFolder
-from harness.schedule import Schedule, eval_batch_size
+from harness.schedule import Schedule
 from harness.tracking import DtypeProbe, MetricsLog, SyncWatch, Throughput, trackers
 
 
@@ -36,9 +37,7 @@ def train(cfg: Config) -> dict:
     run = RunFolder(t.output_dir)
     accelerator = build_accelerator(t.grad_accum_steps, trackers(t.report_to), str(run.tensorboard))
 
-    def say(message: str) -> None:  # once per job, not once per node
-        if accelerator.is_main_process:
-            print(message, flush=True)
+    say = functools.partial(accelerator.print, flush=True)  # the main process only: once per job, not per node
 
     start, checkpoint = run.decide(cfg, warn=say)
     if start == "finished":
@@ -49,24 +48,8 @@ def train(cfg: Config) -> dict:
         run.begin(cfg, fresh=start == "fresh")
     set_seed(t.seed)
 
-    # Data: each node's first process tokenizes and fills the datasets cache, the others read it.
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    with accelerator.local_main_process_first():
-        train_ds = build_split(d, d.train_split, tokenizer, d.train_samples, t.seed, cfg.model.label_names, cfg.model.num_labels)
-        eval_ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, t.seed, cfg.model.label_names, cfg.model.num_labels)
-    # Each new padded length costs attention plans and compiled graphs on GPUs: few lengths there (data.pad_multiple).
-    multiple = pad_multiple(d.pad_multiple, t.compile, accelerator.device.type == "cuda")
-    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, multiple)
-    sampler = StepBatchSampler(
-        train_ds["length"], t.per_device_batch_size, t.grad_accum_steps,
-        accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length,
-    )
-    # Not passed to prepare(): the sampler already gives each rank its own batches. The loaders get their
-    # own generators so that starting one never draws from the global RNG (dropout) stream: resumed
-    # runs then see exactly the random numbers of an uninterrupted one.
-    train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
-                          pin_memory=torch.cuda.is_available(), generator=torch.Generator())
-    eval_dl = eval_dataloader(eval_ds, eval_batch_size(t), collate, d.num_workers)
+    train_ds, eval_ds, sampler, train_dl, eval_dl = training_data(cfg, tokenizer, accelerator)
 
     # Where to start, and the schedule in optimizer steps for this world size and accumulation.
     state = read_progress(checkpoint) if checkpoint else Progress()
@@ -88,10 +71,7 @@ def train(cfg: Config) -> dict:
     configure_deepspeed(accelerator, t)
     configure_fsdp(accelerator, model)
     model, optimizer, scheduler, eval_dl = accelerator.prepare(model, optimizer, scheduler, eval_dl)
-    if accelerator.state.deepspeed_plugin is not None and accelerator.is_main_process:
-        resolved = json.dumps(accelerator.deepspeed_config, indent=2, default=str)
-        run.deepspeed_config.write_text(resolved + "\n")
-        print(f"DeepSpeed config (resolved, also in {run.deepspeed_config}):\n{resolved}", flush=True)
+    record_deepspeed_config(accelerator, run.deepspeed_config)
     if checkpoint:
         check_world_size(state.world_size, state.sharding, accelerator)
         load_state(accelerator, checkpoint)
