@@ -65,8 +65,6 @@ def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, vari
     from harness.config import load_config
     from harness.trainer import train
 
-    import torch
-
     cfg = load_config(None, [
         f"model.name_or_path={model_dir}", "model.num_labels=2", f"data.dataset={data_dir}", "data.max_length=512",
         "data.eval_samples=256", "data.num_workers=2", f"train.output_dir={out}", f"train.max_steps={steps}",

@@ -11,7 +11,6 @@ import json
 import resource
 import time
 import warnings
-from pathlib import Path
 
 import torch
 

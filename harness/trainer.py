@@ -33,7 +33,7 @@ from harness.tracking import DtypeProbe, MetricsLog, SyncWatch, Throughput, trac
 
 
 def train(cfg: Config) -> dict:
-    t, d = cfg.train, cfg.data
+    t = cfg.train
     run = RunFolder(t.output_dir)
     accelerator = build_accelerator(t.grad_accum_steps, trackers(t.report_to), str(run.tensorboard))
 

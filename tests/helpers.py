@@ -76,3 +76,27 @@ def launch(config_file: Path, *args: str, procs: int, launch_args: list[str] = (
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}"
     return result
+
+
+def assert_same_losses(straight: Path, resumed: Path, steps: range, tol: float = 1e-4) -> None:
+    """A resumed run logged exactly `steps`, each with the uninterrupted run's loss."""
+    before, after = losses(straight), losses(resumed)
+    assert sorted(after) == list(steps)
+    for step in after:
+        assert after[step] == pytest.approx(before[step], abs=tol), f"step {step}: {before[step]} vs {after[step]}"
+
+
+def assert_export_matches(final: Path, reference: Path, recipe: Path) -> None:
+    """A gathered export holds every tensor whole, equal to the reference run's (the same steps), and a
+    plain single process (`harness evaluate`, from_pretrained) scores it as the training run did."""
+    from safetensors.torch import load_file
+
+    tensors, expected = load_file(final / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert tensors.keys() == expected.keys()
+    assert all(tensors[k].numel() > 0 and tensors[k].shape == expected[k].shape for k in tensors), "no empty or partial tensor"
+    assert all((tensors[k] - expected[k]).abs().max() < 1e-3 for k in tensors)
+    in_training = json.loads((final / "eval_results.json").read_text())
+    reloaded = json.loads(ok(harness("evaluate", "--model", str(final), "--config", str(recipe))).stdout.strip().splitlines()[-1])
+    for key in ("accuracy", "f1", "precision", "recall", "num_examples"):
+        assert reloaded[key] == in_training[key], key
+    assert reloaded["loss"] == pytest.approx(in_training["loss"], abs=1e-5)

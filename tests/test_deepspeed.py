@@ -9,9 +9,7 @@ bf16 autocast, far beyond 1e-4): each run uses a copy of the shipped JSON whose 
 import json
 
 import pytest
-from safetensors.torch import load_file
-
-from tests.helpers import REPO, harness, launch, losses, ok, write_config
+from tests.helpers import REPO, assert_export_matches, assert_same_losses, launch, losses, ok, write_config
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional dependency: pip install -e '.[deepspeed]'")
 pytestmark = pytest.mark.slow
@@ -58,19 +56,8 @@ def test_zero_losses_match_ddp_for_ten_steps(runs, zero):
 
 def test_zero3_export_reloads_whole_and_reproduces_the_in_training_eval(runs):
     cfg, tmp, ddp_out, _ = runs
-    final = tmp / "zero3" / "final"
-    tensors = load_file(final / "model.safetensors")
-    reference = load_file(ddp_out / "final" / "model.safetensors")
-    assert tensors.keys() == reference.keys()
-    assert all(tensors[k].numel() > 0 and tensors[k].shape == reference[k].shape for k in tensors), "no empty or partial tensor"
     # the same 10 steps as DDP (losses equal within 1e-4), so the gathered weights are DDP's
-    assert all((tensors[k] - reference[k]).abs().max() < 1e-3 for k in tensors)
-    in_training = json.loads((final / "eval_results.json").read_text())
-    r = ok(harness("evaluate", "--model", str(final), "--config", str(cfg)))  # a plain single process
-    reloaded = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("accuracy", "f1", "precision", "recall", "num_examples"):
-        assert reloaded[key] == in_training[key], key
-    assert reloaded["loss"] == pytest.approx(in_training["loss"], abs=1e-5)
+    assert_export_matches(tmp / "zero3" / "final", ddp_out / "final", cfg)
 
 
 def test_zero2_save_stop_resume_continues_with_the_same_losses(runs):
@@ -81,10 +68,7 @@ def test_zero2_save_stop_resume_continues_with_the_same_losses(runs):
     r = ok(launch(tmp / "deepspeed_zero2_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={resumed}",
                   f"train.resume={ckpt}", procs=2))
     assert "resumed from" in r.stdout
-    straight, after = losses(tmp / "zero2"), losses(resumed)
-    assert sorted(after) == list(range(6, 11))
-    for step in after:
-        assert after[step] == pytest.approx(straight[step], abs=1e-4)
+    assert_same_losses(tmp / "zero2", resumed, range(6, 11))
 
 
 def test_a_contradicting_deepspeed_json_is_refused_with_exit_2(tmp_path, tiny_model):

@@ -5,12 +5,9 @@ both sides (bf16 parameters round differently from DDP's bf16 autocast, far beyo
 add `--mixed_precision no`, which under FSDP is the launch config's own precision setting.
 """
 
-import json
 
 import pytest
-from safetensors.torch import load_file
-
-from tests.helpers import REPO, harness, launch, losses, ok
+from tests.helpers import REPO, assert_export_matches, assert_same_losses, launch, losses, ok
 
 pytestmark = pytest.mark.slow
 
@@ -51,18 +48,7 @@ def test_fsdp2_checkpoint_is_sharded_per_rank(runs):
 
 def test_fsdp2_export_is_gathered_whole_and_scores_the_same_after_reload(runs):
     cfg, tmp, ddp_out, _ = runs
-    final = tmp / "full_shard" / "final"
-    tensors = load_file(final / "model.safetensors")
-    reference = load_file(ddp_out / "final" / "model.safetensors")
-    assert tensors.keys() == reference.keys()
-    assert all(tensors[k].shape == reference[k].shape for k in tensors), "every tensor whole, none a shard"
-    assert all((tensors[k] - reference[k]).abs().max() < 1e-3 for k in tensors), "the same 10 steps as DDP"
-    in_training = json.loads((final / "eval_results.json").read_text())
-    r = ok(harness("evaluate", "--model", str(final), "--config", str(cfg)))  # from_pretrained in a plain process
-    reloaded = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("accuracy", "f1", "precision", "recall", "num_examples"):
-        assert reloaded[key] == in_training[key], key
-    assert reloaded["loss"] == pytest.approx(in_training["loss"], abs=1e-5)
+    assert_export_matches(tmp / "full_shard" / "final", ddp_out / "final", cfg)  # the same 10 steps as DDP
 
 
 def test_fsdp2_resume_continues_with_the_same_losses_and_refuses_another_world_size(runs):
@@ -72,10 +58,7 @@ def test_fsdp2_resume_continues_with_the_same_losses_and_refuses_another_world_s
     r = ok(launch(LAUNCH / "fsdp2_full_shard.yaml", "train", "--config", str(cfg), f"train.output_dir={resumed}",
                   f"train.resume={ckpt}", procs=2, launch_args=FP32))
     assert "resumed from" in r.stdout
-    straight, after = losses(tmp / "full_shard"), losses(resumed)
-    assert sorted(after) == list(range(6, 11))
-    for step in after:
-        assert after[step] == pytest.approx(straight[step], abs=1e-4)
+    assert_same_losses(tmp / "full_shard", resumed, range(6, 11))
 
     # Sharded optimizer state and per-rank RNG: the same world size or nothing (README, "Choosing a launch config").
     r = launch(LAUNCH / "fsdp2_full_shard.yaml", "train", "--config", str(cfg), f"train.output_dir={tmp / 'one'}",

@@ -1,0 +1,50 @@
+"""What a run reports: the throughput meter's arithmetic, the tracker check, the compute-dtype probe."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from harness.errors import BadInput
+from harness.tracking import DtypeProbe, Throughput, trackers
+
+
+class OneProcess(SimpleNamespace):
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        return tensor
+
+
+def test_throughput_window_sums_counts_and_restarts(monkeypatch):
+    clock = iter([100.0, 102.0, 102.0])
+    monkeypatch.setattr("harness.tracking.time.perf_counter", lambda: next(clock))
+    meter = Throughput(OneProcess(device=torch.device("cpu"), num_processes=1), lambda seq: 1000.0 * seq, 1e6)
+    for loss, mask in ((0.5, [[1, 1, 0, 0], [1, 1, 1, 1]]), (0.7, [[1, 0, 0, 0], [1, 1, 1, 0]])):
+        meter.count({"labels": torch.zeros(2), "attention_mask": torch.tensor(mask)})
+        meter.add_loss(torch.tensor(loss))
+    r = meter.read()
+    assert r["train/loss"] == pytest.approx(0.6)
+    assert r["train/samples_per_s"] == pytest.approx(4 / 2) and r["train/tokens_per_s"] == pytest.approx(10 / 2)
+    assert r["train/padding_fraction"] == pytest.approx(1 - 10 / 16)
+    assert r["train/mfu"] == pytest.approx(1000.0 * 4 * 10 / 2 / 1e6)  # FLOPs at the padded length 16/4
+    assert meter.samples == 0 and float(meter.loss_sum) == 0.0, "the next window starts empty"
+
+
+def test_a_tracker_that_is_not_installed_is_bad_input():
+    assert trackers("none") == [] and trackers(["tensorboard"]) == ["tensorboard"]
+    pytest.importorskip("tensorboard")
+    import importlib.util
+
+    if importlib.util.find_spec("aim") is None:
+        with pytest.raises(BadInput, match="train.report_to=aim: the package 'aim' is not installed"):
+            trackers(["tensorboard", "aim"])
+
+
+def test_dtype_probe_reads_the_last_linear_layer_inside_autocast():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    probe = DtypeProbe(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(3, 4)).float()  # what Accelerate hands back is fp32 again
+    assert probe.remove() == "bfloat16"
+    model(torch.randn(3, 4))
+    assert probe.dtype == "bfloat16", "removed: later forwards do not change it"
