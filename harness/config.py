@@ -30,10 +30,11 @@ class ModelConfig:
     """Names written to the saved model's id2label (default LABEL_0, LABEL_1, ...)."""
     attn_implementation: str = "sdpa"
     """`sdpa` or `eager`; falls back to eager for models without SDPA support."""
-    attention_mask: str = "4d"
-    """`4d`: harness hands the model a ready (batch, 1, 1, length) mask, so the model never inspects the
-    padding on the host (transformers' `mask.all()` check is a GPU synchronisation in every forward);
-    `2d`: the plain padding mask, as transformers expects by default."""
+    attention_mask: str = "auto"
+    """`4d`: harness hands SDPA a ready (batch, 1, 1, length) mask, so the model never inspects the padding
+    on the host (transformers' `mask.all()` check is a GPU synchronisation in every forward); `2d`: the
+    plain padding mask, as transformers expects by default; `auto`: 4d on GPUs, 2d on CPUs (where there is
+    no sync to save and the 2D path measured 3% faster)."""
     trust_remote_code: bool = False
 
 
@@ -264,7 +265,7 @@ def validate(cfg: Config) -> None:
          f"data.pad_multiple must be 'auto' or a positive number of tokens, got {d.pad_multiple!r}")
     need(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
          f"train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {t.compile_mode!r}")
-    need(m.attention_mask in ("4d", "2d"), f"model.attention_mask must be 4d or 2d, got {m.attention_mask!r}")
+    need(m.attention_mask in ("auto", "4d", "2d"), f"model.attention_mask must be auto, 4d or 2d, got {m.attention_mask!r}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")
