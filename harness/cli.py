@@ -6,7 +6,8 @@
     harness predict --model outputs/quickstart/final --input reviews.jsonl
     harness plan --config configs/bert_base_imdb.yaml --launch-config launch_configs/accelerate/deepspeed_zero2.yaml
 
-Exit codes: 0 success; 2 bad input (one line on stderr naming the key, file or value); 1 anything else.
+Exit codes: 0 success; 2 bad input (one line on stderr naming the key, file or value); 3 the loss or gradient
+norm became non-finite (one line naming the step and the newest good checkpoint); 1 anything else.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.errors import BadInput
+from harness.errors import BadInput, TrainingDiverged
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as e:
         print(f"harness: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"harness: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return 130

@@ -1,11 +1,15 @@
-"""The one exception type that means "the user gave us something we cannot use".
+"""The exceptions the CLI turns into one line on stderr: bad input (exit 2), a diverged run (exit 3).
 
-The CLI turns it into a single line on stderr and exit code 2; anything else is a bug (exit 1).
+Anything else is a bug (exit 1).
 """
 
 
 class BadInput(ValueError):
     """Bad config, path, data or checkpoint. The message names the culprit and what was expected."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; nothing was saved from the poisoned weights."""
 
 
 def first_line(e: BaseException) -> str:

@@ -134,6 +134,57 @@ class DtypeProbe:
         return self.dtype
 
 
+class NonFiniteGuard:
+    """Stops a run whose loss or gradient norm became NaN or infinite, before anything is saved from it.
+
+    Every micro-batch adds to a device-side record of the first bad step (no host synchronisation); the
+    record is all-reduced (MIN over ranks) and read only where the run acts: log steps, evaluations and
+    every save. A bad value on any rank then stops every rank at the same step with TrainingDiverged.
+    Fault injection for tests: HARNESS_FAULT_NONFINITE_STEP=N (and HARNESS_FAULT_NONFINITE_RANK=R, default
+    every rank) multiplies that step's loss by NaN before the backward.
+    """
+
+    NONE = 2**62
+
+    def __init__(self, accelerator):
+        import os
+
+        self.accelerator = accelerator
+        self.first_bad = torch.full((), self.NONE, dtype=torch.long, device=accelerator.device)
+        step, rank = os.environ.get("HARNESS_FAULT_NONFINITE_STEP"), os.environ.get("HARNESS_FAULT_NONFINITE_RANK")
+        self.fault_step = int(step) if step else None
+        self.fault_here = rank is None or int(rank) == accelerator.process_index
+
+    def inject(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        if self.fault_step == step and self.fault_here:
+            return loss * float("nan")
+        return loss
+
+    def observe(self, step: int, loss: torch.Tensor, grad_norm=None) -> None:
+        bad = ~torch.isfinite(loss.detach().float())
+        if isinstance(grad_norm, torch.Tensor):
+            bad = bad | ~torch.isfinite(grad_norm.detach().float().to(bad.device))
+        self.first_bad = torch.where(bad, torch.minimum(self.first_bad, torch.full_like(self.first_bad, step)), self.first_bad)
+
+    def check(self, newest_good) -> None:
+        """Collective: every rank calls it at the same points. Raises on every rank if any rank saw a bad value."""
+        first = self.first_bad.clone()
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = int(first.item())
+        if first != self.NONE:
+            from harness.errors import TrainingDiverged
+
+            checkpoint = newest_good() or "none (start again)"
+            raise TrainingDiverged(
+                f"the loss or gradient norm became non-finite at step {first}; nothing was saved after it. "
+                f"Newest good checkpoint: {checkpoint}; resume from it with a lower train.lr "
+                f"(train.resume=PATH), or check the data of that step"
+            )
+
+
 class SyncWatch:
     """`train.sync_debug`: count host-device synchronisations inside training steps (CUDA only).
 

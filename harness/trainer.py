@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from harness.checkpoint import Progress, read_progress, save_checkpoint, save_model
+from harness.checkpoint import Progress, latest_checkpoint, read_progress, save_checkpoint, save_model
 from harness.config import BEST_METRICS, Config
 from harness.data import training_data
 from harness.distributed import (StopFlag, build_accelerator, check_world_size, configure_deepspeed, configure_fsdp,
@@ -29,7 +29,7 @@ from harness.evaluation import evaluate
 from harness.modeling import attention_mask_for, build_optimizer, flops_per_token, linear_schedule, load_model, load_tokenizer, peak_flops
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule
-from harness.tracking import DtypeProbe, MetricsLog, SyncWatch, Throughput, trackers
+from harness.tracking import DtypeProbe, MetricsLog, NonFiniteGuard, SyncWatch, Throughput, trackers
 
 
 def train(cfg: Config) -> dict:
@@ -93,6 +93,7 @@ def train(cfg: Config) -> dict:
     )
 
     def save(progress: Progress) -> Path:
+        guard.check(newest_good)  # never a checkpoint of poisoned weights
         progress.world_size, progress.global_batch = accelerator.num_processes, sampler.global_batch
         progress.sharding = sharding(accelerator)
         tic = time.perf_counter()
@@ -101,6 +102,7 @@ def train(cfg: Config) -> dict:
         return path
 
     def evaluate_and_keep_best(step: int) -> dict:
+        guard.check(newest_good)
         metrics = evaluate(model, eval_dl, accelerator, cfg.model.num_labels)
         log.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         say(f"step {step}: " + ", ".join(
@@ -115,6 +117,8 @@ def train(cfg: Config) -> dict:
     stop = StopFlag().install(accelerator)
     meter = Throughput(accelerator, model_flops, peak_flops(t.peak_flops))
     watch = SyncWatch(t.sync_debug)
+    guard = NonFiniteGuard(accelerator)
+    newest_good = functools.partial(latest_checkpoint, run.root, warn=lambda message: None)
     step, last_eval_step, metrics = state.step, -1, {}
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     grad_norm = None
@@ -128,12 +132,14 @@ def train(cfg: Config) -> dict:
                     batch["attention_mask"] = attention_mask_for(batch["attention_mask"], attn, mask_format)
                     with accelerator.accumulate(model):
                         outputs = model(**batch)
-                        accelerator.backward(outputs.loss)
+                        loss = guard.inject(outputs.loss, step + 1)
+                        accelerator.backward(loss)
                         if accelerator.sync_gradients and t.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                    meter.add_loss(outputs.loss)
+                    meter.add_loss(loss)
+                    guard.observe(step + 1, loss, grad_norm if accelerator.sync_gradients else None)
                     if accelerator.sync_gradients:
                         scheduler.step()
                         stopping = stop.should_stop()
@@ -149,6 +155,7 @@ def train(cfg: Config) -> dict:
                 progress.update(1)
 
                 if step % t.log_every == 0 or step == total_steps:
+                    guard.check(newest_good)
                     record = meter.read()
                     record.update({"train/lr": scheduler.get_last_lr()[0], "train/samples_seen": state.samples_seen,
                                    "train/epoch": state.epoch + state.position / len(train_ds)})
@@ -175,6 +182,7 @@ def train(cfg: Config) -> dict:
                     save(state)
         if last_eval_step != step:
             metrics = evaluate_and_keep_best(step)
+        guard.check(newest_good)
         save_model(accelerator, model, tokenizer, run.final, extra=metrics, training_config=cfg.to_yaml())
         say(f"saved {run.final}")
         say(json.dumps(metrics))
