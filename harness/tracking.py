@@ -163,6 +163,8 @@ class NonFiniteGuard:
     def observe(self, step: int, loss: torch.Tensor, grad_norm=None) -> None:
         bad = ~torch.isfinite(loss.detach().float())
         if isinstance(grad_norm, torch.Tensor):
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor (every rank calls this)
+                grad_norm = grad_norm.full_tensor()
             bad = bad | ~torch.isfinite(grad_norm.detach().float().to(bad.device))
         self.first_bad = torch.where(bad, torch.minimum(self.first_bad, torch.full_like(self.first_bad, step)), self.first_bad)
 
