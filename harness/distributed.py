@@ -76,20 +76,28 @@ def _fsdp_on_cpu_ranks(accelerator: Accelerator) -> None:
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
 
 
+def describe_zero(zero_optimization: dict) -> str:
+    """A DeepSpeed JSON's `zero_optimization` block in words: `DeepSpeed ZeRO-3 (offload: optimizer, param)`."""
+    offload = [k.split("_")[1] for k in ("offload_optimizer", "offload_param")
+               if (zero_optimization.get(k) or {}).get("device") not in (None, "none")]
+    return f"DeepSpeed ZeRO-{zero_optimization.get('stage', 0)}" + (f" (offload: {', '.join(offload)})" if offload else "")
+
+
+def describe_fsdp(version, reshard_after_forward: bool, offload: bool) -> str:
+    """An FSDP setting in words: `FSDP2 (full sharding, CPU offload)`."""
+    kind = "full sharding" if reshard_after_forward else "gradient/optimizer sharding"
+    return f"FSDP{version} ({kind}{', CPU offload' if offload else ''})"
+
+
 def sharding(accelerator: Accelerator) -> str | None:
     """What the launch config shards, in words (None for DDP or one process): for logs and the world-size rule."""
     if accelerator.state.deepspeed_plugin is not None:
-        zero = accelerator.deepspeed_config.get("zero_optimization") or {}
-        offload = [k.split("_")[1] for k in ("offload_optimizer", "offload_param")
-                   if (zero.get(k) or {}).get("device") not in (None, "none")]
-        return f"DeepSpeed ZeRO-{zero.get('stage', 0)}" + (f" (offload: {', '.join(offload)})" if offload else "")
+        return describe_zero(accelerator.deepspeed_config.get("zero_optimization") or {})
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is not None and accelerator.distributed_type == DistributedType.FSDP:
-        kind = "full sharding" if plugin.reshard_after_forward else "gradient/optimizer sharding"
         policy = plugin.cpu_offload  # FSDP2: CPUOffloadPolicy or a plain OffloadPolicy (no offload); FSDP1: CPUOffload
         offloaded = type(policy).__name__ == "CPUOffloadPolicy" or getattr(policy, "offload_params", False) is True
-        offload = ", CPU offload" if offloaded else ""
-        return f"FSDP{plugin.fsdp_version} ({kind}{offload})"
+        return describe_fsdp(plugin.fsdp_version, bool(plugin.reshard_after_forward), offloaded)
     return None
 
 

@@ -78,8 +78,11 @@ def attention_mask_for(mask: torch.Tensor, attn_implementation: str, mask_format
 
     Given a (batch, length) mask, transformers checks `mask.all()` on the host in every SDPA forward (to
     drop the mask when nothing is padded): a GPU synchronisation per step. A 4D boolean mask (True =
-    attend) is used as it is. Eager attention keeps the 2D mask (it has no such check).
+    attend) is used as it is. Eager attention keeps the 2D mask (it has no such check). `auto` (the
+    model.attention_mask default): 4d on GPUs, 2d on CPUs, where there is no sync to save.
     """
+    if mask_format == "auto":
+        mask_format = "4d" if mask.device.type == "cuda" else "2d"
     if mask_format == "2d" or attn_implementation != "sdpa":
         return mask
     return mask[:, None, None, :].bool()

@@ -21,7 +21,7 @@ import yaml
 
 from harness.config import Config
 from harness.data import load_split
-from harness.distributed import deepspeed_values, fill_deepspeed, read_deepspeed_json
+from harness.distributed import describe_fsdp, describe_zero, deepspeed_values, fill_deepspeed, read_deepspeed_json
 from harness.errors import BadInput, first_line
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule, flops_upper_bound, training_flops_per_token
@@ -74,18 +74,13 @@ def parallelism_from(launch: dict) -> tuple[str, str, Optional[str]]:
                            "refuses at start: remove mixed_precision and set \"bf16\": {\"enabled\": true} in the JSON")
         written = read_deepspeed_json(ds_json)
         precision = next((k for k in ("bf16", "fp16") if (written.get(k) or {}).get("enabled") is True), "no")
-        zero = written.get("zero_optimization") or {}
-        offload = [k.split("_")[1] for k in ("offload_optimizer", "offload_param")
-                   if (zero.get(k) or {}).get("device") not in (None, "none")]
-        what = f"DeepSpeed ZeRO-{zero.get('stage', 0)}" + (f" (offload: {', '.join(offload)})" if offload else "")
-        return what, precision, ds_json
+        return describe_zero(written.get("zero_optimization") or {}), precision, ds_json
     precision = str(launch.get("mixed_precision", "no"))
     if kind == "FSDP":
         fsdp = launch.get("fsdp_config") or {}
         reshard = str(fsdp.get("fsdp_reshard_after_forward", True)).lower() in ("true", "full_shard")
-        offload = ", CPU offload" if str(fsdp.get("fsdp_offload_params", False)).lower() == "true" else ""
-        kind_text = "full sharding" if reshard else "gradient/optimizer sharding"
-        return f"FSDP{fsdp.get('fsdp_version', 1)} ({kind_text}{offload})", precision, None
+        offload = str(fsdp.get("fsdp_offload_params", False)).lower() == "true"
+        return describe_fsdp(fsdp.get("fsdp_version", 1), reshard, offload), precision, None
     return "DDP", precision, None
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from harness.config import TrainConfig
 from harness.errors import BadInput
@@ -75,6 +74,6 @@ def training_flops_per_token(non_embedding_params: int, layers: int, hidden: int
     return 6 * non_embedding_params + 12 * layers * hidden * seq_len
 
 
-def flops_upper_bound(per_token_at_max_length: float, total_steps: int, batch: int, max_length: int) -> Optional[float]:
+def flops_upper_bound(per_token_at_max_length: float, total_steps: int, batch: int, max_length: int) -> float:
     """Every example of every step at max_length: what the run cannot exceed."""
     return per_token_at_max_length * total_steps * batch * max_length

@@ -62,9 +62,6 @@ def train(cfg: Config) -> dict:
     model = load_model(cfg.model)
     model_flops = flops_per_token(model)  # read off the bare model, before any wrapper
     attn = model.config._attn_implementation  # what was loaded (sdpa falls back to eager where unsupported)
-    mask_format = cfg.model.attention_mask
-    if mask_format == "auto":
-        mask_format = "4d" if accelerator.device.type == "cuda" else "2d"
     probe = DtypeProbe(model)
     optimizer = build_optimizer(model, t.lr, t.weight_decay,
                                 fused=accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None)
@@ -129,7 +126,7 @@ def train(cfg: Config) -> dict:
                 meter.count(batch)  # on the host, before the copy: logging needs no device synchronisation
                 with watch:
                     batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-                    batch["attention_mask"] = attention_mask_for(batch["attention_mask"], attn, mask_format)
+                    batch["attention_mask"] = attention_mask_for(batch["attention_mask"], attn, cfg.model.attention_mask)
                     with accelerator.accumulate(model):
                         outputs = model(**batch)
                         loss = guard.inject(outputs.loss, step + 1)
