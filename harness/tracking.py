@@ -187,6 +187,12 @@ class NonFiniteGuard:
             )
 
 
+def is_sync_warning(message: str) -> bool:
+    """A warning of torch's sync debug mode for one synchronising operation; not the notice, given once when
+    the mode is first turned on, that the mode is a prototype (which also says "synchronizing")."""
+    return "called a synchronizing CUDA operation" in message
+
+
 class SyncWatch:
     """`train.sync_debug`: count host-device synchronisations inside training steps (CUDA only).
 
@@ -211,7 +217,7 @@ class SyncWatch:
         if self.enabled:
             torch.cuda.set_sync_debug_mode("default")
             self._catcher.__exit__(*exc)
-            syncs = [w for w in self._seen if "synchroniz" in str(w.message)]
+            syncs = [w for w in self._seen if is_sync_warning(str(w.message))]
             self.count += len(syncs)
             if syncs and self.first is None:
                 self.first = f"{syncs[0].filename}:{syncs[0].lineno}: {syncs[0].message}"
