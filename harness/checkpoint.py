@@ -7,10 +7,18 @@
 Every folder is written under a `.tmp` name and renamed into place once whole; a checkpoint's
 COMPLETE.json (written last) lists each file's size. A checkpoint without it, or whose files do not match
 it, is never loaded: a `kill -9` at any moment leaves the previous complete checkpoint usable.
+
+A write that fails (a full disk, a quota, an I/O error) on any rank stops every rank: the ranks agree on it
+by an all-reduce after each phase of the write, the partial `.tmp` folder is removed, older checkpoints
+are untouched (pruning runs only after a newer one is complete), and WriteFailed names the path and error.
+Fault injection for tests: HARNESS_FAULT_WRITE=POINT[@STEP] (POINT: mkdir, state, progress, complete,
+rename, model) raises ENOSPC there on rank HARNESS_FAULT_WRITE_RANK (default 0).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import shutil
@@ -18,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from harness.errors import BadInput
+from harness.errors import BadInput, WriteFailed, first_line
 
 COMPLETE = "COMPLETE.json"
 PROGRESS = "progress.json"
@@ -119,26 +127,92 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fault(point: str, rank: int, step: Optional[int] = None) -> None:
+    wanted = os.environ.get("HARNESS_FAULT_WRITE")
+    if not wanted or rank != int(os.environ.get("HARNESS_FAULT_WRITE_RANK", "0")):
+        return
+    name, _, at = wanted.partition("@")
+    if name == point and (not at or int(at) == step):
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at '{point}')")
+
+
+try:  # distributed checkpointing (FSDP2) gathers the ranks' write errors into one exception
+    from torch.distributed.checkpoint.api import CheckpointException as _DcpError
+except ImportError:  # pragma: no cover
+    class _DcpError(Exception):
+        pass
+
+
+def _agree(accelerator, error: Optional[BaseException], path: Path, cleanup=None, keep: Optional[Path] = None) -> None:
+    """Collective, after each phase of a write: if it failed on any rank, every rank raises WriteFailed
+    (the rank it failed on with its own error), after the main process ran `cleanup`."""
+    failed_rank = accelerator.process_index if error is not None else -1
+    if accelerator.num_processes > 1:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([failed_rank], device=accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed_rank = int(flag.item())
+    if failed_rank < 0:
+        return
+    if accelerator.is_main_process and cleanup is not None:
+        cleanup()
+    if error is None:
+        why = f"the write failed on rank {failed_rank} (its own line says why)"
+    else:  # torch.save's own message for a full disk is cryptic ("unexpected pos"): say how much space is left
+        why = first_line(error) if isinstance(error, OSError) else f"{type(error).__name__}: {first_line(error)}"
+        try:
+            why += f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there)"
+        except OSError:
+            pass
+    kept = f"; the newest complete checkpoint is intact: {keep}" if keep else "; no complete checkpoint yet"
+    raise WriteFailed(f"could not write {path}: {why}{kept}; free space (or fix the storage) and run again to resume")
+
+
 def save_checkpoint(accelerator, out: Path, progress: Progress, keep_last: int) -> Path:
     """Resumable state for `progress.step`. Every rank must call it (DeepSpeed's save is collective)."""
     final = checkpoint_dir(out, progress.step)
     tmp = final.with_name(final.name + ".tmp")
+    rank, step = accelerator.process_index, progress.step
+    previous = latest_checkpoint(out, warn=lambda message: None)
+    remove_tmp = functools.partial(shutil.rmtree, tmp, ignore_errors=True)
+    error = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _fault("mkdir", rank, step)
+        except Exception as e:
+            error = e
+    _agree(accelerator, error, final, remove_tmp, previous)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        _fault("state", rank, step)
+    except (Exception, _DcpError) as e:  # a full disk shows as OSError, torch.save's RuntimeError, SafetensorError...
+        error = e
+    _agree(accelerator, error, final, remove_tmp, previous)
     if accelerator.is_main_process:
-        _fsync_write(tmp / PROGRESS, json.dumps(asdict(progress), indent=2))
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        for rel in files:
-            with open(tmp / rel, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_write(tmp / COMPLETE, json.dumps({"step": progress.step, "files": files}, indent=2))
-        replace_dir(tmp, final)
-        _fsync_dir(final.parent)
-        prune(out, keep_last)
+        try:
+            with open(tmp / PROGRESS, "w") as f:  # a write cut short leaves a partial file, as a full disk does
+                _fault("progress", rank, step)
+                f.write(json.dumps(asdict(progress), indent=2))
+                f.flush()
+                os.fsync(f.fileno())
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            for rel in files:
+                with open(tmp / rel, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fault("complete", rank, step)
+            _fsync_write(tmp / COMPLETE, json.dumps({"step": progress.step, "files": files}, indent=2))
+            _fault("rename", rank, step)
+            replace_dir(tmp, final)
+            _fsync_dir(final.parent)
+        except Exception as e:
+            error = e
+    _agree(accelerator, error, final, remove_tmp, previous)
+    if accelerator.is_main_process:
+        prune(out, keep_last)  # only now that the new checkpoint is complete
     accelerator.wait_for_everyone()
     return final
 
@@ -155,15 +229,21 @@ def prune(out: Path, keep_last: int) -> None:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished tmp folder into place; the old one is removed only after the new one is there."""
+    """Move a finished tmp folder into place; the old one is removed only after the new one is there (and
+    put back if the new one cannot be moved in)."""
     old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
         final.rename(old)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except OSError:
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
     if old.exists():
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 TRAINING_CONFIG = "training_config.yaml"  # beside an exported model: how it was trained and its data prepared
@@ -179,18 +259,24 @@ def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] 
     """
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
+    tmp = path.with_name(path.name + ".tmp")
+    error = None
     if accelerator.is_main_process:
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        # save_original_format=False: keep the parameter names as they are (LayerNorm.weight), not the legacy
-        # names (LayerNorm.gamma) that transformers 5 writes back for models it loaded through a renaming.
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-            tmp, state_dict=state_dict, safe_serialization=True, save_original_format=False
-        )
-        tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            (tmp / "eval_results.json").write_text(json.dumps(extra, indent=2) + "\n")
-        if training_config is not None:
-            (tmp / TRAINING_CONFIG).write_text(training_config)
-        replace_dir(tmp, path)
-    accelerator.wait_for_everyone()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # save_original_format=False: keep the parameter names as they are (LayerNorm.weight), not the legacy
+            # names (LayerNorm.gamma) that transformers 5 writes back for models it loaded through a renaming.
+            accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
+                tmp, state_dict=state_dict, safe_serialization=True, save_original_format=False
+            )
+            tokenizer.save_pretrained(tmp)
+            _fault("model", accelerator.process_index)
+            if extra is not None:
+                (tmp / "eval_results.json").write_text(json.dumps(extra, indent=2) + "\n")
+            if training_config is not None:
+                (tmp / TRAINING_CONFIG).write_text(training_config)
+            replace_dir(tmp, path)
+        except Exception as e:
+            error = e
+    _agree(accelerator, error, path, functools.partial(shutil.rmtree, tmp, ignore_errors=True),
+           latest_checkpoint(path.parent, warn=lambda message: None))

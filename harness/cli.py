@@ -7,7 +7,10 @@
     harness plan --config configs/bert_base_imdb.yaml --launch-config launch_configs/accelerate/deepspeed_zero2.yaml
 
 Exit codes: 0 success; 2 bad input (one line on stderr naming the key, file or value); 3 the loss or gradient
-norm became non-finite (one line naming the step and the newest good checkpoint); 1 anything else.
+norm became non-finite (one line naming the step and the newest good checkpoint); 4 a rank stalled (the stall
+watchdog: one line, then every thread's stack); 5 a checkpoint or model write failed (full disk, quota, I/O
+error: one line naming the path and the error); 1 anything else. Under `accelerate launch` the ranks exit
+with these and the launcher itself exits 1; OUTPUT_DIR/stop_reason.txt says why a run stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.errors import BadInput, TrainingDiverged
+from harness.errors import BadInput, TrainingDiverged, WriteFailed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,15 +79,25 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan":
             run_plan(args)
         return 0
-    except BadInput as e:
+    except (BadInput, TrainingDiverged, WriteFailed) as e:
         print(f"harness: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"harness: error: {e}", file=sys.stderr)
-        return 3
+        _leave_process_group()
+        return 2 if isinstance(e, BadInput) else 3 if isinstance(e, TrainingDiverged) else 5
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return 130
+
+
+def _leave_process_group() -> None:
+    """Every rank stops on the same error: leave the process group cleanly, so that no rank is aborted by
+    the teardown of a group whose peers already left (SIGABRT instead of the exit code)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # the error is already reported; nothing more to do here
+            pass
 
 
 def run_plan(args) -> None:

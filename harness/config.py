@@ -103,6 +103,11 @@ class TrainConfig:
     sync_debug: bool = False
     """Count host-device synchronisations inside training steps and print the total at the end (CUDA only;
     torch.cuda.set_sync_debug_mode). A debugging aid: a step that waits for the GPU wastes it."""
+    stall_timeout_s: Optional[float] = 900
+    """Stall watchdog: a rank that makes no progress (no optimizer step, evaluation batch or checkpoint write)
+    for this many seconds prints every thread's stack and exits 4, ending the job; the process group's
+    collective timeout is set a minute beyond it. The first step gets three times as long (compilation).
+    null: off (torch's default collective timeout then applies)."""
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint if any; `none`: refuse an existing run; or a checkpoint path."""
 
@@ -281,6 +286,8 @@ def validate(cfg: Config) -> None:
     )
     need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
     need(t.peak_flops is None or t.peak_flops > 0, f"train.peak_flops must be positive, got {t.peak_flops}")
+    need(t.stall_timeout_s is None or t.stall_timeout_s > 0,
+         f"train.stall_timeout_s must be a positive number of seconds or null, got {t.stall_timeout_s}")
     need(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
     need(
         t.eval_every == "epoch" or (isinstance(t.eval_every, int) and t.eval_every >= 1),

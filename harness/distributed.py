@@ -5,11 +5,16 @@ The launch config alone decides the hardware; the code path is the same everywhe
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import json
 import os
 import signal
-from typing import Optional
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -30,20 +35,28 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def collective_timeout(stall_timeout_s: Optional[float]) -> Optional[timedelta]:
+    """The process group's collective timeout: a minute beyond the stall watchdog's bound, so that the watchdog
+    (which prints every thread's stack) fires first; torch's default (10 or 30 minutes) when it is off."""
+    return timedelta(seconds=stall_timeout_s + 60) if stall_timeout_s else None
+
+
 def build_accelerator(grad_accum_steps: int = 1, log_with: list[str] | None = None,
-                      logging_dir: str | None = None) -> Accelerator:
+                      logging_dir: str | None = None, stall_timeout_s: Optional[float] = None) -> Accelerator:
     """The Accelerator for what the launcher asked; `log_with` trackers write under `logging_dir`."""
     if deepspeed_requested() and importlib.util.find_spec("deepspeed") is None:
         raise BadInput("the launch config asks for DeepSpeed, which is not installed: pip install -e '.[deepspeed]'")
     kwargs: dict = {}
+    group: dict = {"timeout": collective_timeout(stall_timeout_s)}
     if not torch.cuda.is_available():
         if deepspeed_requested() or fsdp_requested():
             # cpu=True would drop the DeepSpeed/FSDP plugin; without an explicit backend Accelerate records one
             # process while DeepSpeed sees the whole world, and DeepSpeed then refuses the batch arithmetic.
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            group["backend"] = "gloo"
         else:
             # A MULTI_GPU launch config on a machine without GPUs still starts N ranks; cpu=True makes them gloo.
             kwargs["cpu"] = True
+    kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
     if log_with:
         kwargs["log_with"] = log_with
         kwargs["project_dir"] = logging_dir
@@ -222,14 +235,14 @@ class StopFlag:
         self._group = None
         self._pending = None  # (work, tensor) of the all-reduce started at the previous step
 
-    def install(self, accelerator=None) -> "StopFlag":
+    def install(self, accelerator=None, timeout: Optional[timedelta] = None) -> "StopFlag":
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         if accelerator is not None and accelerator.num_processes > 1:
             import torch.distributed as dist
 
             # every rank creates it (a collective); gloo keeps the flag on the CPU, away from CUDA streams
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo", timeout=timeout)
         return self
 
     def uninstall(self) -> None:
@@ -258,3 +271,69 @@ class StopFlag:
         flag = torch.tensor([1 if local else 0], dtype=torch.int32)
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
         return decided
+
+
+class StallWatchdog:
+    """`train.stall_timeout_s`: a thread on every rank that ends a rank which stopped making progress.
+
+    `beat()` marks progress: every optimizer step, every evaluation batch, and each rank's entry to and exit
+    from a checkpoint or model write. When no beat came for the bound, the rank prints one line and the Python
+    stacks of all its threads (faulthandler) to stderr, records the reason in the run folder and exits with
+    status 4, so the launcher ends the job (a peer waiting in a collective trips its own watchdog the same way).
+    The clock starts at the first step, after loading and `prepare`; until the first step is done the bound is
+    tripled (a compiled model's first step compiles; cuDNN plans are built). Evaluations and checkpoint writes
+    beat as they go, so only one evaluation batch or one write longer than the bound counts as a stall.
+    """
+
+    FIRST_STEP_FACTOR = 3
+    EXIT_CODE = 4
+
+    def __init__(self, timeout_s: Optional[float], rank: int, on_stall: Callable[[str], None] = lambda reason: None):
+        self.timeout_s, self.rank, self.on_stall = timeout_s, rank, on_stall
+        self.step, self.stepped = 0, False
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        fault_step, fault_rank = os.environ.get("HARNESS_FAULT_STALL_STEP"), os.environ.get("HARNESS_FAULT_STALL_RANK")
+        self._fault = int(fault_step) if fault_step and (fault_rank is None or int(fault_rank) == rank) else None
+
+    def start(self) -> "StallWatchdog":
+        if self.timeout_s:
+            self._last = time.monotonic()
+            self._thread = threading.Thread(target=self._watch, name="harness-stall-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def beat(self, step: Optional[int] = None) -> None:
+        self._last = time.monotonic()
+        if step is not None:
+            self.step, self.stepped = step, True
+            if self._fault == step:  # fault injection for tests: this rank hangs after this step
+                print(f"harness: fault injection: rank {self.rank} stalls after step {step}", file=sys.stderr, flush=True)
+                time.sleep(3600)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        poll = min(5.0, self.timeout_s / 10)
+        while not self._stop.wait(poll):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s * (1 if self.stepped else self.FIRST_STEP_FACTOR):
+                self._fire(idle)
+
+    def _fire(self, idle: float) -> None:
+        import tempfile
+
+        reason = (f"rank {self.rank} made no training progress for {idle:.0f} s (train.stall_timeout_s="
+                  f"{self.timeout_s:g}; last completed step {self.step}); stopped by the stall watchdog")
+        try:
+            with tempfile.TemporaryFile("w+") as f:  # faulthandler writes to a file descriptor, unbuffered
+                faulthandler.dump_traceback(file=f, all_threads=True)
+                f.seek(0)
+                stacks = "".join(f"[rank {self.rank}] {line}" for line in f)  # ranks share stderr: label each line
+            sys.stderr.write(f"harness: error: {reason}; the stacks of its threads follow\n{stacks}")
+            sys.stderr.flush()
+            self.on_stall(reason)
+        finally:
+            os._exit(self.EXIT_CODE)

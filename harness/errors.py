@@ -1,4 +1,5 @@
-"""The exceptions the CLI turns into one line on stderr: bad input (exit 2), a diverged run (exit 3).
+"""The exceptions the CLI turns into one line on stderr: bad input (exit 2), a diverged run (exit 3), a
+write that failed (exit 5; a full disk, a quota, an I/O error). The stall watchdog exits 4 itself.
 
 Anything else is a bug (exit 1).
 """
@@ -10,6 +11,10 @@ class BadInput(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN or infinite; nothing was saved from the poisoned weights."""
+
+
+class WriteFailed(RuntimeError):
+    """A checkpoint or model write failed; the previous complete one is untouched and every rank stopped."""
 
 
 def first_line(e: BaseException) -> str:

@@ -14,11 +14,13 @@ from torch.utils.data import DataLoader
 
 
 @torch.no_grad()
-def evaluate(model, dataloader: DataLoader, accelerator, num_labels: int) -> dict:
+def evaluate(model, dataloader: DataLoader, accelerator, num_labels: int, on_batch=lambda: None) -> dict:
+    """`on_batch` is called after every batch (the stall watchdog's beat)."""
     was_training = model.training
     model.eval()
     preds, labels, losses = [], [], []
     for batch in dataloader:
+        on_batch()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         loss = F.cross_entropy(logits, batch["labels"], reduction="none")
         p, y, l = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))

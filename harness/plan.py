@@ -152,7 +152,8 @@ def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] 
     n_eval, eval_text = split_size(cfg, d.eval_split, d.eval_samples)
     schedule = Schedule.of(t, n_train, world.processes)  # what a fresh run of this config does
     schedule.check_cadence(t)
-    start, checkpoint = RunFolder(t.output_dir).decide(cfg, warn=lambda m: None)
+    folder = RunFolder(t.output_dir)
+    start, checkpoint = folder.decide(cfg, warn=lambda m: None)
 
     flops = None
     shape = model_shape_offline(cfg)
@@ -167,6 +168,7 @@ def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] 
         "world": world, "global_batch": schedule.global_batch, "train_examples": train_text, "eval_examples": eval_text,
         "steps_per_epoch": schedule.steps_per_epoch, "total_steps": schedule.total_steps,
         "epochs": schedule.total_steps / schedule.steps_per_epoch, "warmup": schedule.warmup, "deepspeed": ds_resolved, "flops": flops, "start": start, "checkpoint": checkpoint,
+        "lock": folder.lock_status(),
     }
 
 
@@ -187,6 +189,7 @@ def describe(cfg: Config, p: dict) -> str:
         f"evaluation      {eval_at} and at the end",
         f"checkpoints     {save_at}, keep {t.keep_last}" + (f", best by {t.best_metric}" if t.best_metric else ""),
         f"output          {t.output_dir}: {start}",
+        f"lock            {p['lock']}",
     ]
     if p["flops"]:
         f = p["flops"]

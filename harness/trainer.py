@@ -22,22 +22,38 @@ from tqdm.auto import tqdm
 from harness.checkpoint import Progress, latest_checkpoint, read_progress, save_checkpoint, save_model
 from harness.config import BEST_METRICS, Config
 from harness.data import training_data
-from harness.distributed import (StopFlag, build_accelerator, check_world_size, configure_deepspeed, configure_fsdp,
-                                 record_deepspeed_config, sharding)
-from harness.errors import BadInput, first_line
+from harness.distributed import (StallWatchdog, StopFlag, build_accelerator, check_world_size, collective_timeout,
+                                 configure_deepspeed, configure_fsdp, record_deepspeed_config, sharding)
+from harness.errors import BadInput, TrainingDiverged, WriteFailed, first_line
 from harness.evaluation import evaluate
 from harness.modeling import attention_mask_for, build_optimizer, flops_per_token, linear_schedule, load_model, load_tokenizer, peak_flops
-from harness.run_folder import RunFolder
+from harness.run_folder import RunFolder, hold_run_folder
 from harness.schedule import Schedule
 from harness.tracking import DtypeProbe, MetricsLog, NonFiniteGuard, SyncWatch, Throughput, trackers
 
 
 def train(cfg: Config) -> dict:
+    """One run in its folder: the folder's lock is held from before anything is written until the end."""
     t = cfg.train
     run = RunFolder(t.output_dir)
-    accelerator = build_accelerator(t.grad_accum_steps, trackers(t.report_to), str(run.tensorboard))
-
+    accelerator = build_accelerator(t.grad_accum_steps, trackers(t.report_to), str(run.tensorboard), t.stall_timeout_s)
     say = functools.partial(accelerator.print, flush=True)  # the main process only: once per job, not per node
+    lock = hold_run_folder(run, accelerator, warn=say)  # a second run into this folder is refused (exit 2)
+    watchdog = StallWatchdog(t.stall_timeout_s, accelerator.process_index, on_stall=run.record_stop)
+    try:
+        return train_in(run, cfg, accelerator, watchdog)
+    except (TrainingDiverged, WriteFailed) as e:
+        if accelerator.is_main_process:
+            run.record_stop(str(e))
+        raise
+    finally:
+        watchdog.stop()
+        lock.release()
+
+
+def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) -> dict:
+    t = cfg.train
+    say = functools.partial(accelerator.print, flush=True)
 
     start, checkpoint = run.decide(cfg, warn=say)
     if start == "finished":
@@ -94,13 +110,15 @@ def train(cfg: Config) -> dict:
         progress.world_size, progress.global_batch = accelerator.num_processes, sampler.global_batch
         progress.sharding = sharding(accelerator)
         tic = time.perf_counter()
+        watchdog.beat()
         path = save_checkpoint(accelerator, run.root, progress, t.keep_last)
+        watchdog.beat()
         say(f"checkpoint {path} written in {time.perf_counter() - tic:.2f} s")
         return path
 
     def evaluate_and_keep_best(step: int) -> dict:
         guard.check(newest_good)
-        metrics = evaluate(model, eval_dl, accelerator, cfg.model.num_labels)
+        metrics = evaluate(model, eval_dl, accelerator, cfg.model.num_labels, on_batch=watchdog.beat)
         log.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         say(f"step {step}: " + ", ".join(
             f"eval {k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
@@ -108,10 +126,12 @@ def train(cfg: Config) -> dict:
             value, higher = metrics[t.best_metric], BEST_METRICS[t.best_metric]
             if state.best_value is None or (value > state.best_value if higher else value < state.best_value):
                 state.best_value = value
+                watchdog.beat()
                 save_model(accelerator, model, tokenizer, run.best, extra={"step": step, **metrics}, training_config=cfg.to_yaml())
+                watchdog.beat()
         return metrics
 
-    stop = StopFlag().install(accelerator)
+    stop = StopFlag().install(accelerator, collective_timeout(t.stall_timeout_s))
     meter = Throughput(accelerator, model_flops, peak_flops(t.peak_flops))
     watch = SyncWatch(t.sync_debug)
     guard = NonFiniteGuard(accelerator)
@@ -120,6 +140,7 @@ def train(cfg: Config) -> dict:
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     grad_norm = None
     model.train()
+    watchdog.start()  # from here, no progress for train.stall_timeout_s ends the rank (exit 4)
     try:
         while step < total_steps:
             for batch in train_dl:
@@ -146,6 +167,7 @@ def train(cfg: Config) -> dict:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                watchdog.beat(step)
                 # the step consumed the next global batch of the epoch (fewer at its end), all ranks together
                 state.samples_seen += min(sampler.global_batch, len(train_ds) - state.position)
                 state.step, state.position = step, min(state.position + sampler.global_batch, len(train_ds))
@@ -180,6 +202,7 @@ def train(cfg: Config) -> dict:
         if last_eval_step != step:
             metrics = evaluate_and_keep_best(step)
         guard.check(newest_good)
+        watchdog.beat()
         save_model(accelerator, model, tokenizer, run.final, extra=metrics, training_config=cfg.to_yaml())
         say(f"saved {run.final}")
         say(json.dumps(metrics))

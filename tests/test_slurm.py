@@ -44,6 +44,7 @@ printf '%s\\n' "$@" > "$FAKE_LOG/launch-$SLURM_NODEID"
 case "$FAKE_MODE" in
   finish) mkdir -p "$FAKE_OUTPUT/final"; echo '{}' > "$FAKE_OUTPUT/final/config.json"; exit 0 ;;
   crash) exit 1 ;;
+  stall) mkdir -p "$FAKE_OUTPUT"; echo "rank 1 made no training progress for 900 s" > "$FAKE_OUTPUT/stop_reason.txt"; exit 1 ;;
   preempt) bash -c 'trap "echo checkpointed >> $FAKE_LOG/worker-$SLURM_NODEID; exit 0" USR1
                    touch "$FAKE_LOG/ready-$SLURM_NODEID"; while :; do sleep 0.05; done' &
            wait $! ;;
@@ -133,6 +134,15 @@ def test_a_crash_is_not_requeued(fake_slurm):
     r = run("train_multi_node.sbatch", 2, "crash")
     assert r.returncode != 0 and not (log / "scontrol").exists()
     assert "not requeueing" in r.stdout
+
+
+def test_a_stalled_job_is_not_requeued_and_the_script_says_why(fake_slurm):
+    # the launcher exits 1 whatever its ranks exited with (4 for a stall): the run folder says why
+    run, log, _ = fake_slurm
+    r = run("train_multi_node.sbatch", 2, "stall")
+    assert r.returncode != 0 and not (log / "scontrol").exists()
+    assert ("training stopped with status 1 and no final model: rank 1 made no training progress for 900 s; "
+            "not requeueing") in r.stdout
 
 
 @pytest.mark.slow

@@ -1,0 +1,129 @@
+"""Nothing lost, nothing hangs (issue #12, parts 3 and 4): a rank that stalls is ended by the watchdog with
+its stacks; a checkpoint or model write that fails (injected ENOSPC at several points, and a really
+failing write under RLIMIT_FSIZE) stops every rank and leaves the previous complete checkpoint usable."""
+
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness.checkpoint import complete_checkpoints, verify
+from tests.helpers import CPU_LAUNCH, REPO, free_port, harness, losses, ok, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_stalled_rank_ends_the_job_within_the_bound_with_its_stacks_and_the_run_resumes(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    bound = 6
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, out,
+                       train={"max_steps": 8, "save_every": 2, "eval_every": 100, "stall_timeout_s": bound})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH), "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "harness", "train", "--config", str(cfg)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_FAULT_STALL_STEP": "5", "HARNESS_FAULT_STALL_RANK": "1"}
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    try:
+        for line in job.stderr:  # rank 1 hangs after step 5; rank 0 goes on and waits for it in a collective
+            stderr.append(line)
+            if "fault injection: rank 1 stalls after step 5" in line:
+                break
+        hung_at = time.monotonic()
+        _, rest = job.communicate(timeout=bound * 3 + 120)
+        ended_after = time.monotonic() - hung_at
+    finally:
+        if job.poll() is None:
+            job.kill()
+    stderr = "".join(stderr) + rest
+    # the bound, the watchdog's polling (bound/10) and the launcher tearing the job down
+    assert ended_after < bound + 30, f"the job ended {ended_after:.0f} s after the stall (bound {bound} s)"
+    assert job.returncode != 0 and "exitcode  : 4" in stderr, stderr[-3000:]
+    assert f"harness: error: rank 1 made no training progress for {bound}" in stderr
+    assert "last completed step 5); stopped by the stall watchdog; the stacks of its threads follow" in stderr
+    # faulthandler's dump of every thread, each line labelled: the hung one sleeps in the injected fault
+    assert "[rank 1] Thread 0x" in stderr or "[rank 1] Current thread 0x" in stderr, stderr[-6000:]
+    assert any(line.startswith("[rank 1]   File") and 'harness/distributed.py", line' in line and line.endswith(" in beat")
+               for line in stderr.splitlines()), stderr[-6000:]
+    assert "made no training progress" in (out / "stop_reason.txt").read_text()
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000002", "step-00000004"]  # keep_last 2
+    assert not (out / "final").exists() and not list((out / "checkpoints").glob("step-00000006*"))
+
+    resumed = ok(harness("train", "--config", str(cfg), procs=2))  # no fault: the run finishes from step 4
+    assert f"resumed from {out / 'checkpoints' / 'step-00000004'}" in resumed.stdout
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "stop_reason.txt").exists()
+    assert max(losses(out)) == 8
+
+
+def limit_file_size(max_bytes: int):
+    def apply():  # in the child, before exec: every file it writes is capped (a full disk, for real)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return apply
+
+
+def train_one(cfg, **env) -> subprocess.CompletedProcess:
+    return harness("train", "--config", str(cfg), env=env)
+
+
+def snapshot(checkpoint) -> dict:
+    return {str(f.relative_to(checkpoint)): f.read_bytes() for f in sorted(checkpoint.rglob("*")) if f.is_file()}
+
+
+def test_a_failing_checkpoint_write_keeps_the_last_complete_one_at_every_point_then_the_run_resumes(tmp_path, tiny_model):
+    """One process. keep_last=1: pruning must not remove step 2 before step 4 is complete, and step 4 never
+    completes: injected ENOSPC while writing progress.json, before COMPLETE.json, at the rename; then a real
+    failing write (RLIMIT_FSIZE below the optimizer state's size); then the final export fails; then the run
+    finishes."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, out,
+                       train={"max_steps": 6, "save_every": 2, "keep_last": 1, "eval_every": 100})
+    first = train_one(cfg, HARNESS_FAULT_WRITE="progress@4")
+    step2, step4 = out / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000004"
+    intact = snapshot(step2)
+    for fault in ("progress@4", "complete@4", "rename@4", None):
+        r = first if fault == "progress@4" else (
+            train_one(cfg, HARNESS_FAULT_WRITE=fault) if fault else
+            subprocess.run([sys.executable, "-m", "harness", "train", "--config", str(cfg)], cwd=REPO,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=300,
+                           preexec_fn=limit_file_size(2_000_000)))
+        what = fault or "RLIMIT_FSIZE"
+        assert r.returncode == 5, (what, r.stderr[-3000:])
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"harness: error: could not write {step4}: "), (what, line)
+        assert line.endswith(f"; the newest complete checkpoint is intact: {step2}; "
+                             "free space (or fix the storage) and run again to resume"), (what, line)
+        assert ("No space left on device (injected at" in line) if fault else "MiB free there" in line
+        assert "Traceback" not in r.stderr, what
+        assert not step4.exists() and not step4.with_name("step-00000004.tmp").exists(), f"{what}: partial write left"
+        assert snapshot(step2) == intact and verify(step2) is None, f"{what}: the last complete checkpoint changed"
+        assert "could not write" in (out / "stop_reason.txt").read_text()
+
+    export = train_one(cfg, HARNESS_FAULT_WRITE="model")  # all 6 steps, then the final export fails
+    assert export.returncode == 5 and f"could not write {out / 'final'}: " in export.stderr
+    assert not (out / "final").exists() and not (out / "final.tmp").exists()
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000006"]
+
+    done = ok(train_one(cfg))
+    assert f"resumed from {out / 'checkpoints' / 'step-00000006'}" in done.stdout
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_write_failing_on_one_rank_stops_both_ranks(tmp_path, tiny_model):
+    """Two ranks: ENOSPC on rank 1 while it saves its part of the state (its RNG state file): both ranks stop
+    at that checkpoint (none waits in a collective for the other), the partial folder is removed, step 2 is
+    untouched, and the run resumes from it."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, out,
+                       train={"max_steps": 4, "save_every": 2, "keep_last": 1, "eval_every": 100})
+    r = harness("train", "--config", str(cfg), procs=2,
+                env={"HARNESS_FAULT_WRITE": "state@4", "HARNESS_FAULT_WRITE_RANK": "1"})
+    step2, step4 = out / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000004"
+    assert r.returncode != 0 and r.stderr.count("exitcode  : 5") == 2, r.stderr[-3000:]
+    assert f"could not write {step4}: [Errno 28] No space left on device (injected at 'state')" in r.stderr
+    assert f"could not write {step4}: the write failed on rank 1 (its own line says why)" in r.stderr
+    assert not step4.exists() and not step4.with_name("step-00000004.tmp").exists()
+    assert verify(step2) is None
+    done = ok(harness("train", "--config", str(cfg), procs=2))
+    assert f"resumed from {step2}" in done.stdout and (out / "final" / "model.safetensors").is_file()
