@@ -41,6 +41,8 @@ class Progress:
     position: int = 0  # samples of `epoch` already consumed, all ranks together
     samples_seen: int = 0
     best_value: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_without_improvement: int = 0  # early stopping's count (train.early_stopping_patience)
     world_size: int = 1
     global_batch: int = 0
     sharding: Optional[str] = None  # DeepSpeed ZeRO / FSDP state is per rank: resume on world_size processes only
@@ -275,6 +277,25 @@ def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] 
                 (tmp / "eval_results.json").write_text(json.dumps(extra, indent=2) + "\n")
             if training_config is not None:
                 (tmp / TRAINING_CONFIG).write_text(training_config)
+            replace_dir(tmp, path)
+        except Exception as e:
+            error = e
+    _agree(accelerator, error, path, functools.partial(shutil.rmtree, tmp, ignore_errors=True),
+           latest_checkpoint(path.parent, warn=lambda message: None))
+
+
+def copy_model(accelerator, source: Path, path: Path, note: dict) -> None:
+    """`path` becomes a copy of the exported model at `source`, its eval_results.json extended by `note`
+    (early stopping: final/ holds the best model). Main process writes; every rank calls it."""
+    tmp = path.with_name(path.name + ".tmp")
+    error = None
+    if accelerator.is_main_process:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
+            results = tmp / "eval_results.json"
+            previous = json.loads(results.read_text()) if results.is_file() else {}
+            results.write_text(json.dumps({**previous, **note}, indent=2) + "\n")
             replace_dir(tmp, path)
         except Exception as e:
             error = e

@@ -1,10 +1,11 @@
-"""Command line: `harness train | evaluate | predict | plan`.
+"""Command line: `harness train | evaluate | predict | plan | report`.
 
     harness train --config configs/quickstart.yaml train.max_steps=20
     harness evaluate --model outputs/quickstart/final                 # the data and preprocessing it was trained with
     harness predict --model outputs/quickstart/final "a wonderful film" "a dull plot"
     harness predict --model outputs/quickstart/final --input reviews.jsonl
     harness plan --config configs/bert_base_imdb.yaml --launch-config launch_configs/accelerate/deepspeed_zero2.yaml
+    harness report outputs/run-a outputs/run-b --out compare.html
 
 Exit codes: 0 success; 2 bad input (one line on stderr naming the key, file or value); 3 the loss or gradient
 norm became non-finite (one line naming the step and the newest good checkpoint); 4 a rank stalled (the stall
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a saved model on the config's eval split")
     p.add_argument("--model", required=True, help="folder of a saved model (e.g. OUTPUT_DIR/final)")
     p.add_argument("--config", help="recipe naming the data to score on (default: the model's training_config.yaml)")
+    p.add_argument("--output", help="folder for eval_results.json, predictions.jsonl, confusion_matrix.json "
+                                    "(default: the model's folder)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     p = sub.add_parser("plan", help="check a config and launch before starting anything: sizes, steps, DeepSpeed")
@@ -51,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true",
                    help="print what train would do with train.output_dir: finished, resume PATH or fresh (for scripts)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    p = sub.add_parser("report", help="one HTML page (curves, metrics, errors) and a Markdown table for runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.output_dir), one or several")
+    p.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
 
     p = sub.add_parser("predict", help="classify texts with a saved model")
     p.add_argument("--model", required=True, help="folder of a saved model")
@@ -73,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from harness.evaluation import evaluate_saved
 
-            evaluate_saved(args.model, args.config, args.overrides)
+            evaluate_saved(args.model, args.config, args.overrides, args.output)
         elif args.command == "predict":
             run_predict(args)
         elif args.command == "plan":
             run_plan(args)
+        elif args.command == "report":
+            from harness.report import report
+
+            report(args.runs, args.out)
         return 0
     except (BadInput, TrainingDiverged, WriteFailed) as e:
         print(f"harness: error: {e}", file=sys.stderr)

@@ -89,6 +89,10 @@ class TrainConfig:
     """Resumable checkpoints kept (the newest complete ones)."""
     best_metric: Optional[str] = None
     """Keep OUTPUT_DIR/best/ as the model of the best evaluation by this metric (accuracy, f1, precision, recall, loss)."""
+    early_stopping_patience: Optional[int] = None
+    """Stop after this many evaluations in a row without an improvement of train.best_metric by more than
+    train.early_stopping_min_delta (needs train.best_metric); final/ then holds the best model."""
+    early_stopping_min_delta: float = 0.0
     compile: bool = False
     """torch.compile the model (with data.pad_multiple=auto, batches are then padded to multiples of 64 on
     any device, so few shapes are compiled)."""
@@ -301,6 +305,11 @@ def validate(cfg: Config) -> None:
     unknown = [name for name in trackers if name not in TRACKERS and name != "none"]
     need(not unknown and (trackers == ["none"] or "none" not in trackers),
          f"train.report_to must be 'none' or among {', '.join(TRACKERS)}, got {t.report_to!r}")
+    need(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+         f"train.early_stopping_patience must be at least 1 (or null), got {t.early_stopping_patience}")
+    need(t.early_stopping_patience is None or t.best_metric is not None,
+         "train.early_stopping_patience needs train.best_metric (the metric it watches), e.g. train.best_metric=accuracy")
+    need(t.early_stopping_min_delta >= 0, f"train.early_stopping_min_delta must be >= 0, got {t.early_stopping_min_delta}")
     need(t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}")
     need(
         t.best_metric is None or t.best_metric in BEST_METRICS,

@@ -187,11 +187,17 @@ def subset(ds: Dataset, n: Optional[int], label_column: str, seed: int) -> Datas
     return ds.select(stratified_indices(ds[label_column], n, seed))
 
 
-def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
-    """input_ids / attention_mask / labels / length; no padding here (the collator pads per batch).
+ROW = "__harness_row"  # the example's row in its split, before any subset: the `id` of harness evaluate's predictions
 
-    `head_tail` keeps the first quarter of the budget from the start of a long text and the rest from its
-    end (128 + 382 tokens at max_length 512, Sun et al. 2019); shorter texts are unchanged.
+
+def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
+    """input_ids / attention_mask / labels / length, and for error analysis `row` (the example's row in its
+    split, when build_split numbered them) and `full_length` (its token count before truncation); no padding
+    here (the collator pads per batch).
+
+    `head` keeps the first max_length tokens (with the model's special tokens); `head_tail` keeps the first
+    quarter of the budget from the start of a long text and the rest from its end (128 + 382 tokens at
+    max_length 512, Sun et al. 2019); shorter texts are unchanged.
     """
     text_col, label_col, max_length = cfg.text_column, cfg.label_column, cfg.max_length
     # The special tokens around one sequence ([CLS] ... [SEP] for BERT), read off an encoded sample.
@@ -200,27 +206,32 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
     at = next(i for i in range(len(outer)) if outer[i : i + len(inner)] == inner)
     prefix, suffix = outer[:at], outer[at + len(inner) :]
     budget = max_length - len(prefix) - len(suffix)
-    head = budget // 4
+    head = budget // 4 if cfg.truncation == "head_tail" else budget
 
     def encode(batch):
-        if cfg.truncation == "head":
-            enc = tokenizer(batch[text_col], truncation=True, max_length=max_length, return_token_type_ids=False)
-        else:
-            pieces = tokenizer(batch[text_col], add_special_tokens=False, return_attention_mask=False,
-                               return_token_type_ids=False)["input_ids"]
-            ids = [prefix + (p if len(p) <= budget else p[:head] + p[len(p) - (budget - head) :]) + suffix for p in pieces]
-            enc = {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
-        enc["labels"] = batch[label_col]
-        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        pieces = tokenizer(batch[text_col], add_special_tokens=False, return_attention_mask=False,
+                           return_token_type_ids=False)["input_ids"]
+        ids = [prefix + (p if len(p) <= budget else p[:head] + p[len(p) - (budget - head) :]) + suffix for p in pieces]
+        enc = {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids], "labels": batch[label_col],
+               "length": [len(i) for i in ids], "full_length": [len(p) + len(prefix) + len(suffix) for p in pieces]}
+        if ROW in batch:
+            enc["row"] = batch[ROW]
         return enc
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
 
-def build_split(cfg: DataConfig, split: str, tokenizer, n: Optional[int], seed: int, label_names, num_labels: int) -> Dataset:
+def build_split(cfg: DataConfig, split: str, tokenizer, n: Optional[int], seed: int, label_names, num_labels: int,
+                keep_text: bool = False) -> Dataset:
+    """One split, validated, subset and tokenized; each example keeps its row in the split (`row`), and with
+    `keep_text` its text's first 200 characters (`text`), for error analysis."""
     ds = load_split(cfg, split, label_names, num_labels)
+    ds = ds.add_column(ROW, list(range(len(ds))))
     ds = subset(ds, n, cfg.label_column, seed)
-    return tokenize(ds, tokenizer, cfg)
+    tokenized = tokenize(ds, tokenizer, cfg)
+    if keep_text:
+        tokenized = tokenized.add_column("text", [t[:200] for t in ds[cfg.text_column]])
+    return tokenized
 
 
 def pad_multiple(configured, compiled: bool, on_gpu: bool) -> int:
@@ -233,9 +244,10 @@ def pad_multiple(configured, compiled: bool, on_gpu: bool) -> int:
 class Collator:
     """Pads each batch to its own longest example, rounded up to a multiple of `multiple` (8 or 64)."""
 
-    def __init__(self, pad_token_id: int, multiple: int = 8):
+    def __init__(self, pad_token_id: int, multiple: int = 8, extras: tuple[str, ...] = ()):
         self.pad_token_id = pad_token_id
         self.multiple = multiple
+        self.extras = extras  # per-example integer columns passed through as tensors (row, length, ...)
 
     def __call__(self, examples: list[dict]) -> dict:
         longest = max(len(e["input_ids"]) for e in examples)
@@ -247,7 +259,10 @@ class Collator:
             ids[i, :n] = torch.as_tensor(e["input_ids"])
             mask[i, :n] = 1
         labels = torch.as_tensor([e["labels"] for e in examples], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        for key in self.extras:
+            batch[key] = torch.as_tensor([int(e[key]) for e in examples], dtype=torch.long)
+        return batch
 
 
 # ---------------------------------------------------------------- training order

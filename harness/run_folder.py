@@ -10,6 +10,7 @@
     OUTPUT_DIR/deepspeed_config.json    the resolved DeepSpeed config, under DeepSpeed
     OUTPUT_DIR/checkpoints/step-N/      resumable state (harness.checkpoint)
     OUTPUT_DIR/best/, OUTPUT_DIR/final/ Hugging Face-format models; final/ means the run is finished
+    OUTPUT_DIR/sessions.jsonl           one line when each launch starts (hardware, processes) and one when it ends
     OUTPUT_DIR/run.lock                 held by the live run's main process (RunLock): one run per folder
     OUTPUT_DIR/stop_reason.txt          why the last run stopped without finishing (stall, full disk, ...)
 
@@ -57,6 +58,7 @@ class RunFolder:
         self.final = self.root / "final"
         self.lock = self.root / "run.lock"
         self.stop_reason = self.root / "stop_reason.txt"
+        self.sessions = self.root / "sessions.jsonl"
 
     def is_finished(self) -> bool:
         return (self.final / "config.json").is_file()
@@ -121,7 +123,7 @@ class RunFolder:
         """Remove a previous run's outputs (only after train.overwrite=true allowed it)."""
         for folder in (self.checkpoints, self.best, self.final, self.tensorboard):
             shutil.rmtree(folder, ignore_errors=True)
-        for f in (self.metrics, self.config, self.deepspeed_config, self.stop_reason):
+        for f in (self.metrics, self.config, self.deepspeed_config, self.stop_reason, self.sessions):
             f.unlink(missing_ok=True)
 
     def begin(self, cfg: Config, fresh: bool) -> None:
@@ -131,6 +133,14 @@ class RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         self.stop_reason.unlink(missing_ok=True)  # this run's own reason, if any, replaces the last one's
         self.config.write_text(cfg.to_yaml())
+
+    def record_session(self, **fields) -> None:
+        """Main process: a line of sessions.jsonl (`started` with the hardware, or `ended`), for `harness report`."""
+        try:
+            with self.sessions.open("a") as f:
+                f.write(json.dumps({"time": time.time(), **fields}) + "\n")
+        except OSError:  # informational: a full disk must not hide the error that stops the run
+            pass
 
     def record_stop(self, reason: str) -> None:
         """Why the run stopped without finishing, for the job script and the user (any rank may write it)."""

@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from harness.checkpoint import Progress, latest_checkpoint, read_progress, save_checkpoint, save_model
+from harness.checkpoint import Progress, copy_model, latest_checkpoint, read_progress, save_checkpoint, save_model
 from harness.config import BEST_METRICS, Config
 from harness.data import training_data
 from harness.distributed import (StallWatchdog, StopFlag, build_accelerator, check_world_size, collective_timeout,
@@ -95,10 +95,12 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
             f"{state.position} of {len(train_ds)} examples of the epoch done")
 
     log = MetricsLog(accelerator, run, cfg, resume_step=state.step if checkpoint else None)
-    say(
-        f"parallelism: {sharding(accelerator) or ('DDP' if accelerator.num_processes > 1 else 'one process')} on "
-        f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}"
-    )
+    parallelism = sharding(accelerator) or ('DDP' if accelerator.num_processes > 1 else 'one process')
+    say(f"parallelism: {parallelism} on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}")
+    if accelerator.is_main_process:
+        run.record_session(event="started", step=state.step, processes=accelerator.num_processes,
+                           device=device_name(accelerator.device), mixed_precision=accelerator.mixed_precision,
+                           parallelism=parallelism, torch=torch.__version__)
     say(
         f"train: {len(train_ds)} examples, eval: {len(eval_ds)}; {accelerator.num_processes} process(es) x "
         f"batch {t.per_device_batch_size} x accumulation {t.grad_accum_steps} = {sampler.global_batch} per step; "
@@ -122,14 +124,22 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
         log.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         say(f"step {step}: " + ", ".join(
             f"eval {k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-        if t.best_metric is not None:
+        if t.best_metric is not None:  # the metrics are the same on every rank: so is every decision here
             value, higher = metrics[t.best_metric], BEST_METRICS[t.best_metric]
-            if state.best_value is None or (value > state.best_value if higher else value < state.best_value):
-                state.best_value = value
+            gain = None if state.best_value is None else (value - state.best_value if higher else state.best_value - value)
+            if gain is None or gain > 0:
+                state.best_value, state.best_step = value, step
                 watchdog.beat()
                 save_model(accelerator, model, tokenizer, run.best, extra={"step": step, **metrics}, training_config=cfg.to_yaml())
                 watchdog.beat()
+            if gain is None or gain > t.early_stopping_min_delta:
+                state.evals_without_improvement = 0
+            else:
+                state.evals_without_improvement += 1
         return metrics
+
+    def early_stop_due() -> bool:
+        return bool(t.early_stopping_patience) and state.evals_without_improvement >= t.early_stopping_patience
 
     stop = StopFlag().install(accelerator, collective_timeout(t.stall_timeout_s))
     meter = Throughput(accelerator, model_flops, peak_flops(t.peak_flops))
@@ -142,7 +152,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
     model.train()
     watchdog.start()  # from here, no progress for train.stall_timeout_s ends the rank (exit 4)
     try:
-        while step < total_steps:
+        while step < total_steps and not early_stop_due():
             for batch in train_dl:
                 meter.count(batch)  # on the host, before the copy: logging needs no device synchronisation
                 with watch:
@@ -184,6 +194,8 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
                     progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}")
                 if isinstance(t.eval_every, int) and step % t.eval_every == 0:
                     metrics, last_eval_step = evaluate_and_keep_best(step), step
+                    if early_stop_due():
+                        break
                 if stopping:
                     path = save(state)
                     say(f"stopped by a signal at step {step}; resumable checkpoint: {path}")
@@ -195,6 +207,8 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
             else:  # the epoch ran to its end
                 if t.eval_every == "epoch" and last_eval_step != step:
                     metrics, last_eval_step = evaluate_and_keep_best(step), step
+                    if early_stop_due():
+                        break
                 state.epoch, state.position = state.epoch + 1, 0
                 sampler.set_epoch(state.epoch)
                 if t.save_every == "epoch" and step < total_steps:
@@ -203,17 +217,37 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
             metrics = evaluate_and_keep_best(step)
         guard.check(newest_good)
         watchdog.beat()
-        save_model(accelerator, model, tokenizer, run.final, extra=metrics, training_config=cfg.to_yaml())
+        if early_stop_due():
+            note = {"early_stopping": {"stopped_at_step": step, "best_step": state.best_step, "metric": t.best_metric,
+                                       "patience": t.early_stopping_patience, "min_delta": t.early_stopping_min_delta,
+                                       "final_holds": f"the best model (step {state.best_step}), copied from best/"}}
+            copy_model(accelerator, run.best, run.final, note)
+            say(f"early stopping at step {step}: eval {t.best_metric} did not improve by more than "
+                f"{t.early_stopping_min_delta:g} in {t.early_stopping_patience} evaluations; {run.final} holds the best "
+                f"model, from step {state.best_step} ({t.best_metric} {state.best_value:.4f})")
+            metrics = json.loads((run.final / "eval_results.json").read_text())
+        else:
+            save_model(accelerator, model, tokenizer, run.final, extra=metrics, training_config=cfg.to_yaml())
         say(f"saved {run.final}")
         say(json.dumps(metrics))
         return metrics
     finally:  # every way out: the stop path, the end, and an error
+        if accelerator.is_main_process:
+            run.record_session(event="ended", step=step, samples_seen=state.samples_seen)
         progress.close()
         if watch.report():
             say(watch.report())
         log.close()
         stop.uninstall()
         accelerator.end_training()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
 def load_state(accelerator, checkpoint: Path) -> None:

@@ -200,8 +200,10 @@ def test_tokenize_truncates_and_records_lengths(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ds = Dataset.from_dict({"text": ["short", "word " * 100], "label": [0, 1]})
     out = tokenize(ds, tok, DataConfig(max_length=16))
-    assert out["length"] == [3, 16]
-    assert set(out.column_names) == {"input_ids", "attention_mask", "labels", "length"}
+    assert out["length"] == [3, 16] and out["full_length"] == [3, 102], "full_length: before truncation"
+    assert set(out.column_names) == {"input_ids", "attention_mask", "labels", "length", "full_length"}
+    # `head` is the tokenizer's own truncation of one sequence
+    assert out["input_ids"] == tok(list(ds["text"]), truncation=True, max_length=16)["input_ids"]
 
 
 def test_head_tail_truncation_keeps_the_start_and_the_end(tiny_model):

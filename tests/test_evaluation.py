@@ -39,9 +39,11 @@ def decisive_model(tiny_model, tmp_path):
 def test_two_ranks_evaluate_every_example_once_with_the_same_metrics(tmp_path, decisive_model):
     """41 examples, batch 4 per rank: Accelerate pads the last round with repeats, which must be dropped."""
     cfg = write_config(tmp_path / "c.yaml", decisive_model, tmp_path / "unused",
-                       data={"eval_samples": 41}, train={"eval_batch_size": 4})
-    one = json.loads(ok(harness("evaluate", "--model", str(decisive_model), "--config", str(cfg))).stdout.strip().splitlines()[-1])
-    r = ok(harness("evaluate", "--model", str(decisive_model), "--config", str(cfg), procs=2))
+                       data={"eval_samples": 41, "max_length": 12}, train={"eval_batch_size": 4})
+    one = json.loads(ok(harness("evaluate", "--model", str(decisive_model), "--config", str(cfg),
+                                "--output", str(tmp_path / "one"))).stdout.strip().splitlines()[-1])
+    r = ok(harness("evaluate", "--model", str(decisive_model), "--config", str(cfg), "--output", str(tmp_path / "two"),
+                   procs=2))
     assert "evaluated 41 examples on 2 process(es)" in r.stderr, "the launch really started two ranks"
     two = json.loads(r.stdout.strip().splitlines()[-1])
     assert one["num_examples"] == two["num_examples"] == 41
@@ -49,4 +51,34 @@ def test_two_ranks_evaluate_every_example_once_with_the_same_metrics(tmp_path, d
         assert one[key] == two[key], key
     assert 0 < one["accuracy"] < 1, "both classes predicted: the comparison is not trivial"
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
-    assert json.loads((decisive_model / "eval_results.json").read_text())["num_examples"] == 41
+    assert json.loads((tmp_path / "two" / "eval_results.json").read_text())["num_examples"] == 41
+
+    # error analysis: every example once, by its row in the split, the same on 1 and 2 processes
+    rows = {n: [json.loads(line) for line in (tmp_path / n / "predictions.jsonl").read_text().splitlines()]
+            for n in ("one", "two")}
+    assert [p["id"] for p in rows["one"]] == [p["id"] for p in rows["two"]] == sorted({p["id"] for p in rows["one"]})
+    assert len(rows["one"]) == 41
+    for a, b in zip(rows["one"], rows["two"]):
+        assert {k: v for k, v in a.items() if k != "probabilities"} == {k: v for k, v in b.items() if k != "probabilities"}
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+        assert a["predicted"] == max(a["probabilities"], key=a["probabilities"].get)
+    # the rows are the split's rows: each text and label is the synthetic split's own
+    from harness.data import synthetic_rows
+
+    split = synthetic_rows("test")
+    names = ["LABEL_0", "LABEL_1"]  # the model's id2label: it was saved without label names
+    assert all(p["text"] == split["text"][p["id"]][:200] and p["label"] == names[split["label"][p["id"]]] for p in rows["one"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(decisive_model)
+    for p in rows["one"]:  # max_length 12: tokens counted after truncation, `truncated` from the whole text
+        full = len(tok(split["text"][p["id"]])["input_ids"])
+        assert p["tokens"] == min(full, 12) and p["truncated"] == (full > 12), p
+    assert any(p["truncated"] for p in rows["one"]) and not all(p["truncated"] for p in rows["one"])
+    confusion = json.loads((tmp_path / "one" / "confusion_matrix.json").read_text())
+    assert confusion == json.loads((tmp_path / "two" / "confusion_matrix.json").read_text())
+    assert confusion["labels"] == names and sum(map(sum, confusion["matrix"])) == 41
+    assert sum(confusion["matrix"][i][i] for i in range(2)) == round(one["accuracy"] * 41)
+    per = one["per_class"]
+    assert per == two["per_class"] and sum(v["support"] for v in per.values()) == 41
+    assert (per["LABEL_0"]["f1"] + per["LABEL_1"]["f1"]) / 2 == pytest.approx(one["f1"])

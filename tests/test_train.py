@@ -1,6 +1,7 @@
 """End to end through the real CLI: train, evaluate, predict, and the saved model in `pipeline`."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -134,3 +135,35 @@ def test_two_process_training_writes_one_model(tmp_path, tiny_model):
     assert "2 process(es)" in r.stdout, "the launch really started two ranks"
     assert r.stdout.count("saved ") == 1
     assert (out / "final" / "model.safetensors").is_file() and not (out / "final.tmp").exists()
+
+
+def test_early_stopping_keeps_the_best_model_in_final_and_resumes_with_its_count(tmp_path, tiny_model):
+    """lr 1e-9: eval loss stays flat, so with min_delta 0.01 and patience 2 the evaluations at steps 4 and 6
+    bring no improvement and the run stops at step 6 on both ranks, final/ holding the model of step 2. The
+    count is run state: resumed from the step-4 checkpoint (one evaluation without improvement so far) it
+    stops at step 6 again, not at step 8."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, out, train={
+        "max_steps": 20, "lr": 1e-9, "eval_every": 2, "save_every": 2, "keep_last": 3, "best_metric": "loss",
+        "early_stopping_patience": 2, "early_stopping_min_delta": 0.01})
+    r = ok(harness("train", "--config", str(cfg), procs=2))
+    assert (f"early stopping at step 6: eval loss did not improve by more than 0.01 in 2 evaluations; "
+            f"{out / 'final'} holds the best model, from step 2") in r.stdout
+    evals = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
+    assert evals == [2, 4, 6]
+    assert (out / "final" / "model.safetensors").read_bytes() == (out / "best" / "model.safetensors").read_bytes()
+    note = json.loads((out / "final" / "eval_results.json").read_text())
+    assert note["step"] == 2 and note["early_stopping"]["stopped_at_step"] == 6 and note["early_stopping"]["best_step"] == 2
+    assert "finished" in ok(harness("plan", "--config", str(cfg), "--status")).stdout
+
+    shutil.rmtree(out / "final")  # as if the job had been preempted after the checkpoint at step 4
+    shutil.rmtree(out / "checkpoints" / "step-00000006", ignore_errors=True)
+    resumed = ok(harness("train", "--config", str(cfg), "train.resume=" + str(out / "checkpoints" / "step-00000004"), procs=2))
+    assert "early stopping at step 6:" in resumed.stdout
+    assert json.loads((out / "final" / "eval_results.json").read_text())["early_stopping"]["best_step"] == 2
+
+
+def test_early_stopping_needs_the_metric_it_watches(tmp_path, tiny_model):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run", train={"early_stopping_patience": 2})
+    r = harness("train", "--config", str(cfg))
+    assert r.returncode == 2 and "train.early_stopping_patience needs train.best_metric" in r.stderr

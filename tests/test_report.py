@@ -1,0 +1,76 @@
+"""`harness report` over real run folders: a finished 2-rank run with `harness evaluate`'s error analysis
+beside its model, and an unfinished 1-process run of another learning rate."""
+
+import json
+import re
+import shutil
+import sys
+
+import pytest
+
+from harness.cli import main
+from tests.helpers import harness, ok, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def two_runs(tmp_path, ddp_ten_steps, tiny_model):
+    _, ddp = ddp_ten_steps
+    finished = tmp_path / "ddp-lr3e-3"
+    shutil.copytree(ddp, finished)
+    ok(harness("evaluate", "--model", str(finished / "final")))
+    unfinished = tmp_path / "lr1e-3"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, unfinished,
+                       data={"train_samples": 48}, train={"max_steps": 10, "lr": 1e-3, "eval_every": 5})
+    ok(harness("train", "--config", str(cfg)))
+    shutil.rmtree(unfinished / "final")  # as if preempted after its last evaluation
+    return finished, unfinished
+
+
+def test_report_compares_runs_on_one_self_contained_page(tmp_path, two_runs):
+    finished, unfinished = two_runs
+    r = ok(harness("report", str(finished), str(unfinished), "--out", str(tmp_path / "compare.html")))
+    page = (tmp_path / "compare.html").read_text()
+
+    # Markdown on stdout: one row per run, the differing config keys as columns, the best value in bold
+    table = [line for line in r.stdout.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:3] == ["run", "train.eval_every", "train.lr"] and "accuracy" in header and "samples/s" in header
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in table[2:]}
+    assert set(rows) == {"ddp-lr3e-3", "lr1e-3"}
+    assert rows["ddp-lr3e-3"][header.index("status")] == "finished"
+    assert rows["lr1e-3"][header.index("status")] == "unfinished" and rows["lr1e-3"][header.index("steps")] == "10"
+    assert rows["ddp-lr3e-3"][header.index("hardware")].startswith("2 x cpu") and "DDP" in rows["ddp-lr3e-3"][header.index("hardware")]
+    accuracies = {name: row[header.index("accuracy")] for name, row in rows.items()}
+    final = json.loads((finished / "final" / "eval_results.json").read_text())["accuracy"]
+    last_eval = [json.loads(line) for line in (unfinished / "metrics.jsonl").read_text().splitlines() if "eval/accuracy" in line][-1]
+    values = {"ddp-lr3e-3": final, "lr1e-3": last_eval["eval/accuracy"]}
+    best = max(values.values())
+    for name, shown in accuracies.items():
+        assert shown == (f"**{values[name]:.4f}**" if values[name] == best else f"{values[name]:.4f}")
+    assert "confusion matrix (final/" in r.stdout
+
+    # the page: self-contained (embedded PNGs, nothing fetched), every curve, the error analysis
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    images = page.count('src="data:image/png;base64,')
+    assert images >= 4 + 1 + 1, images  # loss, lr, grad norm, throughput; eval metrics; the confusion matrix
+    for title in ("training loss", "learning rate", "gradient norm", "throughput", "Most confident mistakes"):
+        assert title in page or title in r.stdout
+    mistakes = [json.loads(line) for line in (finished / "final" / "predictions.jsonl").read_text().splitlines()
+                if json.loads(line)["label"] != json.loads(line)["predicted"]]
+    if mistakes:
+        worst = max(mistakes, key=lambda p: p["probabilities"][p["predicted"]])
+        assert f"<td>{worst['id']}</td>" in page
+    assert "lr: 0.003" in page and "lr: 0.001" in page  # each run's resolved config
+
+
+def test_report_without_matplotlib_or_on_a_non_run_folder_is_one_line_and_exit_2(tmp_path, two_runs, monkeypatch, capsys):
+    finished, _ = two_runs
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert main(["report", str(finished), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err == "harness: error: report: the HTML page needs matplotlib: pip install -e '.[report]'\n"
+    assert not (tmp_path / "r.html").exists()
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a harness run folder" in capsys.readouterr().err
