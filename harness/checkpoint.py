@@ -138,11 +138,14 @@ def _fault(point: str, rank: int, step: Optional[int] = None) -> None:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at '{point}')")
 
 
-try:  # distributed checkpointing (FSDP2) gathers the ranks' write errors into one exception
-    from torch.distributed.checkpoint.api import CheckpointException as _DcpError
-except ImportError:  # pragma: no cover
-    class _DcpError(Exception):
-        pass
+def _dcp_error() -> type:
+    """Distributed checkpointing (FSDP2) gathers the ranks' write errors into one exception, a BaseException
+    (imported here, not at the top: torch.distributed.checkpoint takes most of a second to import)."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover
+        return Exception
+    return CheckpointException
 
 
 def _agree(accelerator, error: Optional[BaseException], path: Path, cleanup=None, keep: Optional[Path] = None) -> None:
@@ -191,7 +194,7 @@ def save_checkpoint(accelerator, out: Path, progress: Progress, keep_last: int) 
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
         _fault("state", rank, step)
-    except (Exception, _DcpError) as e:  # a full disk shows as OSError, torch.save's RuntimeError, SafetensorError...
+    except (Exception, _dcp_error()) as e:  # a full disk shows as OSError, torch.save's RuntimeError, SafetensorError...
         error = e
     _agree(accelerator, error, final, remove_tmp, previous)
     if accelerator.is_main_process:
