@@ -42,9 +42,14 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "stanfordnlp/imdb"
     """Hub id, local folder (train.* / test.* files or the aclImdb layout), local file, or `synthetic`."""
+    dataset_config: Optional[str] = None
+    """The hub dataset's configuration (its `name`), e.g. `mrpc` for `nyu-mll/glue`."""
     train_split: str = "train"
     eval_split: str = "test"
     text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    """Second text of a sentence pair (e.g. `sentence2` for GLUE MRPC): the pair is tokenized together, with
+    the model's segment ids, truncating the longer side first."""
     label_column: str = "label"
     max_length: int = 512
     truncation: str = "head"
@@ -270,6 +275,10 @@ def validate(cfg: Config) -> None:
         v = getattr(d, name)
         need(v is None or v > 0, f"data.{name} must be positive, got {v}")
     need(d.truncation in ("head", "head_tail"), f"data.truncation must be head or head_tail, got {d.truncation!r}")
+    need(d.text_pair_column is None or d.truncation == "head",
+         "data.truncation=head_tail applies to single texts; sentence pairs (data.text_pair_column) are truncated "
+         "from the longer side first: use data.truncation=head")
+    need(d.text_pair_column != d.text_column, f"data.text_pair_column must differ from data.text_column ({d.text_column!r})")
     need(d.pad_multiple == "auto" or (isinstance(d.pad_multiple, int) and d.pad_multiple >= 1),
          f"data.pad_multiple must be 'auto' or a positive number of tokens, got {d.pad_multiple!r}")
     need(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),

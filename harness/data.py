@@ -38,11 +38,11 @@ def load_split(cfg: DataConfig, split: str, label_names: Optional[list[str]], nu
     if cfg.dataset == "synthetic":
         ds = synthetic_split(split)
     else:
-        ds = _load_source(cfg.dataset, split)
+        ds = _load_source(cfg.dataset, split, cfg.dataset_config)
     return validate_columns(ds, cfg, split, label_names, num_labels)
 
 
-def _load_source(source: str, split: str) -> Dataset:
+def _load_source(source: str, split: str, config_name: Optional[str] = None) -> Dataset:
     if split == "unsupervised":
         raise BadInput("the 'unsupervised' split has no labels (label -1); choose a labelled split")
     path = Path(source)
@@ -70,9 +70,10 @@ def _load_source(source: str, split: str) -> Dataset:
     if source.startswith((".", "/", "~")) or source.endswith(tuple(FILE_BUILDERS)):
         raise BadInput(f"data.dataset path not found: {source}")
     try:
-        return load_dataset(source, split=split)
+        return load_dataset(source, config_name, split=split)
     except Exception as e:  # hub errors come in many types; all mean "cannot use this dataset"
-        raise BadInput(f"cannot load dataset '{source}' split '{split}': {first_line(e)}") from None
+        named = f"'{source}' ({config_name})" if config_name else f"'{source}'"
+        raise BadInput(f"cannot load dataset {named} split '{split}': {first_line(e)}") from None
 
 
 def _load_file(path: Path) -> Dataset:
@@ -135,7 +136,10 @@ def synthetic_rows(split: str, size: Optional[int] = None) -> dict:
 
 def validate_columns(ds: Dataset, cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int) -> Dataset:
     """Check the columns and labels; returns a dataset whose label column holds ints."""
-    for key, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
+    columns = [("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)]
+    if cfg.text_pair_column:
+        columns.append(("data.text_pair_column", cfg.text_pair_column))
+    for key, col in columns:
         if col not in ds.column_names:
             raise BadInput(f"{key}: column '{col}' not in split '{split}' (columns: {', '.join(ds.column_names)})")
     if len(ds) == 0:
@@ -154,9 +158,10 @@ def validate_columns(ds: Dataset, cfg: DataConfig, split: str, label_names: Opti
     for row, v in enumerate(labels):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < num_labels:
             raise BadInput(f"split '{split}' row {row}: label {v!r} is outside [0, {num_labels}) (model.num_labels={num_labels})")
-    for row, t in enumerate(ds[cfg.text_column]):
-        if not isinstance(t, str):
-            raise BadInput(f"split '{split}' row {row}: text column '{cfg.text_column}' holds {type(t).__name__}, expected a string")
+    for col in filter(None, (cfg.text_column, cfg.text_pair_column)):
+        for row, t in enumerate(ds[col]):
+            if not isinstance(t, str):
+                raise BadInput(f"split '{split}' row {row}: text column '{col}' holds {type(t).__name__}, expected a string")
     return ds
 
 
@@ -208,6 +213,9 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
     budget = max_length - len(prefix) - len(suffix)
     head = budget // 4 if cfg.truncation == "head_tail" else budget
 
+    if cfg.text_pair_column:
+        return _tokenize_pairs(ds, tokenizer, cfg)
+
     def encode(batch):
         pieces = tokenizer(batch[text_col], add_special_tokens=False, return_attention_mask=False,
                            return_token_type_ids=False)["input_ids"]
@@ -221,6 +229,26 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
 
+def _tokenize_pairs(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
+    """Sentence pairs with the model's own pair template and segment ids (`token_type_ids`, where the model
+    has them); truncation `longest_first` takes tokens from the longer text first."""
+    first, second = cfg.text_column, cfg.text_pair_column
+    segments = "token_type_ids" in tokenizer.model_input_names
+
+    def encode(batch):
+        enc = dict(tokenizer(batch[first], batch[second], truncation="longest_first", max_length=cfg.max_length,
+                             return_token_type_ids=segments))
+        whole = tokenizer(batch[first], batch[second], return_attention_mask=False, return_token_type_ids=False)
+        enc["labels"] = batch[cfg.label_column]
+        enc["length"] = [len(i) for i in enc["input_ids"]]
+        enc["full_length"] = [len(i) for i in whole["input_ids"]]
+        if ROW in batch:
+            enc["row"] = batch[ROW]
+        return enc
+
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing pairs")
+
+
 def build_split(cfg: DataConfig, split: str, tokenizer, n: Optional[int], seed: int, label_names, num_labels: int,
                 keep_text: bool = False) -> Dataset:
     """One split, validated, subset and tokenized; each example keeps its row in the split (`row`), and with
@@ -230,7 +258,9 @@ def build_split(cfg: DataConfig, split: str, tokenizer, n: Optional[int], seed: 
     ds = subset(ds, n, cfg.label_column, seed)
     tokenized = tokenize(ds, tokenizer, cfg)
     if keep_text:
-        tokenized = tokenized.add_column("text", [t[:200] for t in ds[cfg.text_column]])
+        texts = ds[cfg.text_column] if not cfg.text_pair_column else [
+            f"{a} [PAIR] {b}" for a, b in zip(ds[cfg.text_column], ds[cfg.text_pair_column])]
+        tokenized = tokenized.add_column("text", [t[:200] for t in texts])
     return tokenized
 
 
@@ -260,6 +290,11 @@ class Collator:
             mask[i, :n] = 1
         labels = torch.as_tensor([e["labels"] for e in examples], dtype=torch.long)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "token_type_ids" in examples[0]:  # sentence pairs: segment ids, padded with 0
+            segments = torch.zeros((len(examples), width), dtype=torch.long)
+            for i, e in enumerate(examples):
+                segments[i, : len(e["token_type_ids"])] = torch.as_tensor(e["token_type_ids"])
+            batch["token_type_ids"] = segments
         for key in self.extras:
             batch[key] = torch.as_tensor([int(e[key]) for e in examples], dtype=torch.long)
         return batch

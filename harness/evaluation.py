@@ -29,7 +29,8 @@ def evaluate(model, dataloader: DataLoader, accelerator, num_labels: int, on_bat
     preds, labels, losses, extra = [], [], [], {k: [] for k in ("probs", *DETAILS)}
     for batch in dataloader:
         on_batch()
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        logits = model(**inputs).logits.float()
         loss = F.cross_entropy(logits, batch["labels"], reduction="none")
         p, y, l = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
         preds.append(p.cpu())

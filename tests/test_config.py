@@ -11,8 +11,14 @@ from tests.helpers import REPO
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(recipe):
     cfg = load_config(recipe)
-    assert cfg.model.num_labels == 2
-    assert cfg.model.label_names == ["negative", "positive"]
+    assert cfg.model.label_names is not None and len(cfg.model.label_names) == cfg.model.num_labels
+
+
+def test_the_mrpc_recipe_is_a_sentence_pair_task_on_glue():
+    cfg = load_config(REPO / "configs" / "bert_base_mrpc.yaml")
+    d = cfg.data
+    assert (d.dataset, d.dataset_config, d.text_column, d.text_pair_column) == ("nyu-mll/glue", "mrpc", "sentence1", "sentence2")
+    assert (d.train_split, d.eval_split, cfg.model.label_names) == ("train", "validation", ["not_equivalent", "equivalent"])
 
 
 def test_reference_recipe_has_the_agreed_hyperparameters():
