@@ -73,17 +73,17 @@ def fake_slurm(tmp_path, tiny_model):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "c.yaml", tiny_model, out)
 
-    def run(script, nodes, mode, background=False):
+    def run(script, nodes, mode, background=False, args=(), output=None, **extra_env):
         env = {
             **os.environ, "PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-            "FAKE_LOG": str(log), "FAKE_MODE": mode, "FAKE_OUTPUT": str(out),
+            "FAKE_LOG": str(log), "FAKE_MODE": mode, "FAKE_OUTPUT": str(output or out),
             "FAKE_HOSTS": " ".join(f"gpu-node-{i}" for i in range(nodes)),
             "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NNODES": str(nodes),
             "SLURM_JOB_NODELIST": f"gpu-node-[0-{nodes - 1}]", "SLURM_GPUS_ON_NODE": "8",
             "SLURM_NODEID": "0",  # as in a real batch shell: each task must read its own
-            "SLURM_SUBMIT_DIR": str(REPO),
+            "SLURM_SUBMIT_DIR": str(REPO), **extra_env,
         }
-        cmd = ["bash", str(SLURM / script), str(cfg), "train.max_steps=7"]
+        cmd = ["bash", str(SLURM / script), str(cfg), *args, "train.max_steps=7"]
         if background:
             return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -143,6 +143,20 @@ def test_a_stalled_job_is_not_requeued_and_the_script_says_why(fake_slurm):
     assert r.returncode != 0 and not (log / "scontrol").exists()
     assert ("training stopped with status 1 and no final model: rank 1 made no training progress for 900 s; "
             "not requeueing") in r.stdout
+
+
+def test_a_sweep_task_trains_its_line_into_its_own_folder(fake_slurm, tmp_path):
+    run, log, cfg = fake_slurm
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# learning rates\ntrain.lr=2e-5 train.seed=1\n\ntrain.lr=3e-5  train.seed=1\n")
+    folder = tmp_path / "out-sweep" / "train.lr=3e-5_train.seed=1"  # the recipe's output_dir + "-sweep/" + the line
+    r = run("sweep.sbatch", 1, "finish", args=[str(sweep)], output=folder, SLURM_ARRAY_TASK_ID="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    launched = (log / "launch-0").read_text().splitlines()
+    assert launched[-4:] == ["train.max_steps=7", "train.lr=3e-5", "train.seed=1", f"train.output_dir={folder}"]
+    assert f"training finished: {folder}/final" in r.stdout and not (log / "scontrol").exists()
+    beyond = run("sweep.sbatch", 1, "finish", args=[str(sweep)], SLURM_ARRAY_TASK_ID="2")
+    assert beyond.returncode == 2 and f"{sweep} has no line for array task 2" in beyond.stderr
 
 
 @pytest.mark.slow
