@@ -55,7 +55,8 @@ def test_a_stalled_rank_ends_the_job_within_the_bound_with_its_stacks_and_the_ru
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000002", "step-00000004"]  # keep_last 2
     assert not (out / "final").exists() and not list((out / "checkpoints").glob("step-00000006*"))
 
-    resumed = ok(harness("train", "--config", str(cfg), procs=2))  # no fault: the run finishes from step 4
+    # no fault: the run finishes from step 4 (on one process: DDP state resumes on any world size, and it is cheaper)
+    resumed = ok(harness("train", "--config", str(cfg)))
     assert f"resumed from {out / 'checkpoints' / 'step-00000004'}" in resumed.stdout
     assert (out / "final" / "model.safetensors").is_file() and not (out / "stop_reason.txt").exists()
     assert max(losses(out)) == 8
@@ -154,5 +155,5 @@ def test_a_write_failing_on_one_rank_stops_both_ranks(tmp_path, tiny_model):
     assert f"could not write {step4}: the write failed on rank 1 (its own line says why)" in r.stderr
     assert not step4.exists() and not step4.with_name("step-00000004.tmp").exists()
     assert verify(step2) is None
-    done = ok(harness("train", "--config", str(cfg), procs=2))
+    done = ok(harness("train", "--config", str(cfg)))  # one process: cheaper, and DDP state resumes on any world size
     assert f"resumed from {step2}" in done.stdout and (out / "final" / "model.safetensors").is_file()

@@ -14,9 +14,10 @@ from tests.helpers import harness, ok, write_config
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def two_runs(tmp_path, ddp_ten_steps, tiny_model):
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, ddp_ten_steps, tiny_model):
     _, ddp = ddp_ten_steps
+    tmp_path = tmp_path_factory.mktemp("report")
     finished = tmp_path / "ddp-lr3e-3"
     shutil.copytree(ddp, finished)
     ok(harness("evaluate", "--model", str(finished / "final")))
