@@ -97,7 +97,7 @@ class Run:
         return total if self.sessions else None
 
     def hardware(self) -> str:
-        started = [s for s in self.sessions if s.get("event") == "started"]
+        started = [s for s in self.sessions if s.get("event") == "started" and "processes" in s]
         if not started:
             return "unknown"
         s = started[-1]

@@ -75,3 +75,27 @@ def test_report_without_matplotlib_or_on_a_non_run_folder_is_one_line_and_exit_2
     assert not (tmp_path / "r.html").exists()
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a harness run folder" in capsys.readouterr().err
+
+
+def test_wall_time_counts_the_launches_that_ended_and_the_keys_that_differ(tmp_path):
+    """In-process, on hand-written folders: a preempted launch (ended) and a killed one (no end record)."""
+    import yaml
+
+    from harness.report import Run, differing_keys
+
+    for name, lr in (("a", 1e-5), ("b", 2e-5)):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "config.yaml").write_text(yaml.safe_dump({"train": {"lr": lr, "seed": 1, "output_dir": str(root)}}))
+        (root / "metrics.jsonl").write_text('{"step": 5, "train/loss": 0.5, "train/samples_per_s": 10.0}\n'
+                                            '{"step": 10, "train/loss": 0.4, "train/samples_per_s": 30.0}\n{"step": 1')
+    sessions = [{"time": 100.0, "event": "started", "processes": 2, "device": "cpu (x86_64)", "parallelism": "DDP",
+                 "mixed_precision": "no"}, {"time": 160.0, "event": "ended"},
+                {"time": 200.0, "event": "started"}, {"time": 230.0, "event": "ended"},
+                {"time": 300.0, "event": "started"}]  # killed: no end
+    (tmp_path / "a" / "sessions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in sessions))
+    a, b = Run(tmp_path / "a"), Run(tmp_path / "b")
+    assert a.wall_time_s() == 90.0 and b.wall_time_s() is None
+    assert a.samples_per_s() == 20.0 and a.last_step() == 10, "a line cut short by a kill is skipped"
+    assert a.status() == "unfinished" and a.hardware() == "2 x cpu (x86_64), DDP, no" and b.hardware() == "unknown"
+    assert differing_keys([a, b]) == ["train.lr"], "output_dir always differs and is left out"
