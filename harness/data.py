@@ -204,6 +204,8 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
     quarter of the budget from the start of a long text and the rest from its end (128 + 382 tokens at
     max_length 512, Sun et al. 2019); shorter texts are unchanged.
     """
+    if cfg.text_pair_column:
+        return _tokenize_pairs(ds, tokenizer, cfg)
     text_col, label_col, max_length = cfg.text_column, cfg.label_column, cfg.max_length
     # The special tokens around one sequence ([CLS] ... [SEP] for BERT), read off an encoded sample.
     inner = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -211,10 +213,7 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
     at = next(i for i in range(len(outer)) if outer[i : i + len(inner)] == inner)
     prefix, suffix = outer[:at], outer[at + len(inner) :]
     budget = max_length - len(prefix) - len(suffix)
-    head = budget // 4 if cfg.truncation == "head_tail" else budget
-
-    if cfg.text_pair_column:
-        return _tokenize_pairs(ds, tokenizer, cfg)
+    head = budget // 4 if cfg.truncation == "head_tail" else budget  # `head`: all of the budget, no tail
 
     def encode(batch):
         pieces = tokenizer(batch[text_col], add_special_tokens=False, return_attention_mask=False,

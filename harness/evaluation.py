@@ -53,21 +53,12 @@ def evaluate(model, dataloader: DataLoader, accelerator, num_labels: int, on_bat
 def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor, num_labels: int) -> dict:
     """Accuracy, macro precision/recall/F1 (a class never predicted or never present scores 0), mean loss."""
     n = labels.numel()
-    precision, recall, f1 = [], [], []
-    for c in range(num_labels):
-        tp = ((preds == c) & (labels == c)).sum().item()
-        predicted = (preds == c).sum().item()
-        actual = (labels == c).sum().item()
-        p = tp / predicted if predicted else 0.0
-        r = tp / actual if actual else 0.0
-        precision.append(p)
-        recall.append(r)
-        f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    classes = per_class(preds, labels, [str(c) for c in range(num_labels)]).values()
     return {
         "accuracy": (preds == labels).sum().item() / n,
-        "f1": sum(f1) / num_labels,
-        "precision": sum(precision) / num_labels,
-        "recall": sum(recall) / num_labels,
+        "f1": sum(c["f1"] for c in classes) / num_labels,
+        "precision": sum(c["precision"] for c in classes) / num_labels,
+        "recall": sum(c["recall"] for c in classes) / num_labels,
         "loss": losses.double().mean().item(),
         "num_examples": n,
     }

@@ -60,6 +60,10 @@ class RunFolder:
         self.stop_reason = self.root / "stop_reason.txt"
         self.sessions = self.root / "sessions.jsonl"
 
+    def check_is_folder(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise BadInput(f"train.output_dir {self.root} exists and is not a folder")
+
     def is_finished(self) -> bool:
         return (self.final / "config.json").is_file()
 
@@ -71,8 +75,7 @@ class RunFolder:
         - ("fresh", None): start from scratch (`begin` then removes an old run, if overwrite allowed it).
         """
         t = cfg.train
-        if self.root.exists() and not self.root.is_dir():
-            raise BadInput(f"train.output_dir {self.root} exists and is not a folder")
+        self.check_is_folder()
         explicit = t.resume not in ("auto", "none")
         has_run = self.config.is_file() or bool(complete_checkpoints(self.root))
         if self.config.is_file():
@@ -145,11 +148,16 @@ class RunFolder:
     def record_stop(self, reason: str) -> None:
         """Why the run stopped without finishing, for the job script and the user (any rank may write it)."""
         try:
-            tmp = self.stop_reason.with_name(f"{self.stop_reason.name}.{os.getpid()}.tmp")
-            tmp.write_text(reason.rstrip() + "\n")
-            os.replace(tmp, self.stop_reason)
+            replace_file(self.stop_reason, reason.rstrip() + "\n")
         except OSError:  # a full disk may be the very reason: stderr has the line anyway
             pass
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` beside `path` and rename it into place: a reader sees the old file or the new, whole."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- one run per folder
@@ -309,9 +317,7 @@ class RunLock:
             if not self.owned():
                 return  # taken over (we were judged gone): never write over the new holder's record
             try:
-                tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
-                tmp.write_text(json.dumps(self._record(self.since)))
-                os.replace(tmp, self.path)
+                replace_file(self.path, json.dumps(self._record(self.since)))
             except OSError:  # a full disk: try again at the next beat
                 pass
 
@@ -333,15 +339,13 @@ def hold_run_folder(run: RunFolder, accelerator, warn=print) -> RunLock:
     lock = RunLock(run.lock)
     refusal = [None]
     if accelerator.is_main_process:
-        if run.root.exists() and not run.root.is_dir():
-            refusal[0] = f"train.output_dir {run.root} exists and is not a folder"
-        else:
-            try:
-                lock.acquire(warn)
-            except BadInput as e:
-                refusal[0] = str(e)
-            except OSError as e:
-                refusal[0] = f"train.output_dir {run.root}: cannot take its lock {run.lock}: {e}"
+        try:
+            run.check_is_folder()
+            lock.acquire(warn)
+        except BadInput as e:
+            refusal[0] = str(e)
+        except OSError as e:
+            refusal[0] = f"train.output_dir {run.root}: cannot take its lock {run.lock}: {e}"
     if accelerator.num_processes > 1:
         broadcast_object_list(refusal)
     if refusal[0] is not None:

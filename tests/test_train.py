@@ -150,6 +150,7 @@ def test_early_stopping_keeps_the_best_model_in_final_and_resumes_with_its_count
         "max_steps": 20, "lr": 1e-9, "eval_every": 2, "save_every": 2, "keep_last": 3, "best_metric": "loss",
         "early_stopping_patience": 2, "early_stopping_min_delta": 0.01})
     r = ok(harness("train", "--config", str(cfg), procs=2))
+    assert "2 process(es) x batch 4" in r.stdout, "the launch really started two ranks"
     assert (f"early stopping at step 6: eval loss did not improve by more than 0.01 in 2 evaluations; "
             f"{out / 'final'} holds the best model, from step 2") in r.stdout
     evals = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
