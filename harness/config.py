@@ -99,8 +99,9 @@ class TrainConfig:
     train.early_stopping_min_delta (needs train.best_metric); final/ then holds the best model."""
     early_stopping_min_delta: float = 0.0
     compile: bool = False
-    """torch.compile the model (with data.pad_multiple=auto, batches are then padded to multiples of 64 on
-    any device, so few shapes are compiled)."""
+    """torch.compile the model for training, in place (its parameter names, checkpoints and exports are the
+    eager model's); evaluation runs it eagerly. With data.pad_multiple=auto, batches are then padded to
+    multiples of 64 on any device, so few shapes are compiled."""
     compile_mode: str = "default"
     """torch.compile mode with train.compile: `default`, `reduce-overhead` (CUDA graphs, one per padded length:
     fewer kernel-launch gaps at small batches), `max-autotune`, `max-autotune-no-cudagraphs`."""

@@ -271,16 +271,21 @@ def pad_multiple(configured, compiled: bool, on_gpu: bool) -> int:
 
 
 class Collator:
-    """Pads each batch to its own longest example, rounded up to a multiple of `multiple` (8 or 64)."""
+    """Pads each batch to its own longest example, rounded up to a multiple of `multiple` (8 or 64), and never
+    past `max_length` (a multiple of 64 above it would compute on pad tokens only, and can exceed the model's
+    position embeddings)."""
 
-    def __init__(self, pad_token_id: int, multiple: int = 8, extras: tuple[str, ...] = ()):
+    def __init__(self, pad_token_id: int, multiple: int = 8, extras: tuple[str, ...] = (), max_length: Optional[int] = None):
         self.pad_token_id = pad_token_id
         self.multiple = multiple
+        self.max_length = max_length
         self.extras = extras  # per-example integer columns passed through as tensors (row, length, ...)
 
     def __call__(self, examples: list[dict]) -> dict:
         longest = max(len(e["input_ids"]) for e in examples)
         width = int(math.ceil(longest / self.multiple) * self.multiple)
+        if self.max_length is not None:
+            width = max(longest, min(width, self.max_length))
         ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(examples), width), dtype=torch.long)
         for i, e in enumerate(examples):
@@ -379,7 +384,7 @@ def training_data(cfg, tokenizer, accelerator):
         eval_ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, t.seed, m.label_names, m.num_labels)
     # Each new padded length costs attention plans and compiled graphs on GPUs: few lengths there.
     multiple = pad_multiple(d.pad_multiple, t.compile, accelerator.device.type == "cuda")
-    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, multiple)
+    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, multiple, max_length=d.max_length)
     sampler = StepBatchSampler(train_ds["length"], t.per_device_batch_size, t.grad_accum_steps,
                                accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length)
     # Not passed to prepare(): the sampler already gives each rank its own batches. The loaders get their

@@ -151,7 +151,7 @@ def evaluate_saved(model_dir: str | Path, config: str | None = None, overrides=(
                          keep_text=True)
     texts = dict(zip(ds["row"], ds["text"])) if accelerator.is_main_process else None
     dl = eval_dataloader(ds.remove_columns("text"), eval_batch_size(cfg.train),
-                         Collator(tokenizer.pad_token_id or 0, extras=DETAILS), d.num_workers)
+                         Collator(tokenizer.pad_token_id or 0, extras=DETAILS, max_length=d.max_length), d.num_workers)
     model, dl = accelerator.prepare(model, dl)
     details: dict = {}
     metrics = evaluate(model, dl, accelerator, num_labels, details=details)

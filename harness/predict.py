@@ -66,7 +66,7 @@ def predict(model_dir: str | Path, texts: list, batch_size: int = 32, probabilit
         raise BadInput(f"predict: {model_dir} was trained on single texts; remove 'text_pair' from the input")
     ds = tokenize(Dataset.from_dict(columns), tokenizer, data)
     order = sorted(range(len(ds)), key=lambda i: -ds[i]["length"])  # longest first: little padding per batch
-    collate = Collator(tokenizer.pad_token_id or 0)
+    collate = Collator(tokenizer.pad_token_id or 0, max_length=data.max_length)
     id2label = model.config.id2label
     results: list = [None] * len(texts)
     with torch.no_grad():

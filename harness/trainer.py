@@ -81,8 +81,8 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
     probe = DtypeProbe(model)
     optimizer = build_optimizer(model, t.lr, t.weight_decay,
                                 fused=accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None)
-    if t.compile:
-        model = torch.compile(model, mode=t.compile_mode)  # one graph per padded length (data.pad_multiple)
+    if t.compile:  # in place: parameter names, checkpoints and exports stay those of the eager model
+        model.compile(mode=t.compile_mode)
     scheduler = linear_schedule(optimizer, schedule.warmup, total_steps)
     configure_deepspeed(accelerator, t)
     configure_fsdp(accelerator, model)
@@ -120,7 +120,10 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
 
     def evaluate_and_keep_best(step: int) -> dict:
         guard.check(newest_good)
-        metrics = evaluate(model, eval_dl, accelerator, cfg.model.num_labels, on_batch=watchdog.beat)
+        # a compiled model evaluates eagerly: a second (no-grad) graph per padded length would cost compile time
+        # (and CUDA-graph memory) for batches at which the GPU is busy anyway
+        with torch.compiler.set_stance("force_eager" if t.compile else "default"):
+            metrics = evaluate(model, eval_dl, accelerator, cfg.model.num_labels, on_batch=watchdog.beat)
         log.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         say(f"step {step}: " + ", ".join(
             f"eval {k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
@@ -150,6 +153,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     grad_norm = None
     model.train()
+    first_tic = time.perf_counter()  # the first step apart: compilation, kernel plans and allocation happen there
     watchdog.start()  # from here, no progress for train.stall_timeout_s ends the rank (exit 4)
     try:
         while step < total_steps and not early_stop_due():
@@ -178,6 +182,11 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
                     continue
                 step += 1
                 watchdog.beat(step)
+                if first_tic is not None:
+                    if accelerator.device.type == "cuda":
+                        torch.cuda.synchronize()  # once, outside the steady state
+                    say(f"first step in {time.perf_counter() - first_tic:.2f} s (compilation, plans and allocation included)")
+                    first_tic = None
                 # the step consumed the next global batch of the epoch (fewer at its end), all ranks together
                 state.samples_seen += min(sampler.global_batch, len(train_ds) - state.position)
                 state.step, state.position = step, min(state.position + sampler.global_batch, len(train_ds))

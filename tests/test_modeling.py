@@ -108,3 +108,6 @@ def test_padding_multiple_bounds_the_shapes_on_gpus_and_stays_small_on_cpus():
     assert pad_multiple(16, compiled=True, on_gpu=True) == 16
     widths = {Collator(0, 64)([{"input_ids": [1] * n, "labels": 0}])["input_ids"].shape[1] for n in range(1, 513)}
     assert widths == {64 * k for k in range(1, 9)}, "at most max_length/64 shapes at max_length 512"
+    # never past max_length: a multiple of 64 above it is pad tokens only, and can exceed the position embeddings
+    widths = {Collator(0, 64, max_length=100)([{"input_ids": [1] * n, "labels": 0}])["input_ids"].shape[1] for n in range(1, 101)}
+    assert widths == {64, 100}

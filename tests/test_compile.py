@@ -1,0 +1,49 @@
+"""`train.compile`: the compiled path (inductor, on the CPU here) trains like the eager model and exports a
+model that `from_pretrained` loads (torch.compile's wrapper names every parameter "_orig_mod.…")."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.helpers import harness, losses, ok, write_config
+
+
+def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads(tmp_path, tiny_model):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    # the tiny model with one layer (half the graph to compile) and without dropout (inductor draws its own random
+    # numbers, so dropout masks would differ from the eager run's)
+    model_dir = tmp_path / "one-layer"
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.num_hidden_layers, config.hidden_dropout_prob, config.attention_probs_dropout_prob = 1, 0.0, 0.0
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(model_dir)
+    recipe = dict(data={"train_samples": 32}, train={"max_steps": 8, "lr": 3e-3})
+    eager_cfg = write_config(tmp_path / "eager.yaml", model_dir, tmp_path / "eager", **recipe)
+    compiled_cfg = write_config(tmp_path / "compiled.yaml", model_dir, tmp_path / "compiled", **recipe)
+    # data.pad_multiple=auto pads to multiples of 64 for a compiled model (capped at max_length, 32 here): the eager
+    # run is given the same padded shapes, so both compute on the same tensors
+    runs = [ok(harness("train", "--config", str(eager_cfg), "data.pad_multiple=64")),
+            ok(harness("train", "--config", str(compiled_cfg), "train.compile=true", timeout=600))]
+    eager_first, compiled_first = (float(re.search(r"first step in ([0-9.]+) s", r.stdout).group(1)) for r in runs)
+    assert compiled_first > max(1.0, 5 * eager_first), "the first step compiled the model"
+
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert list(compiled) == list(range(1, 9))
+    assert compiled == pytest.approx(eager, abs=1e-4), "inductor's kernels compute what the eager model computes"
+
+    with safe_open(str(tmp_path / "compiled" / "final" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    with safe_open(str(tmp_path / "eager" / "final" / "model.safetensors"), "pt") as f:
+        assert names == set(f.keys()), "the export carries the model's own parameter names"
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "eager" / "final")
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "compiled" / "final")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-4), name  # the trained weights, not a fresh initialisation
+    results = [json.loads((tmp_path / run / "final" / "eval_results.json").read_text()) for run in ("eager", "compiled")]
+    assert results[1]["num_examples"] == 41
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], abs=1e-4)
