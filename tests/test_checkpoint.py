@@ -107,12 +107,28 @@ def test_samples_seen_is_exact_after_a_resume_between_log_steps(tmp_path, tiny_m
 LONG = {"data": {"train_samples": 64}, "train": {"max_steps": 80, "eval_every": 1000}}
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model):
+    """The uninterrupted LONG run, trained once per number of processes for the tests that stop and resume it:
+    returns (config, its output folder); the tests train the same config into their own folders."""
+    runs = {}
+
+    def run(procs):
+        if procs not in runs:
+            tmp = tmp_path_factory.mktemp(f"straight-{procs}")
+            cfg = write_config(tmp / "c.yaml", tiny_model, tmp / "straight", **LONG)
+            ok(harness("train", "--config", str(cfg), procs=procs))
+            runs[procs] = cfg, tmp / "straight"
+        return runs[procs]
+
+    return run
+
+
 @pytest.mark.parametrize("procs, target", [(1, 0), (2, 1)])
-def test_signal_stops_saves_exits_0_and_resume_is_exact(tmp_path, tiny_model, procs, target):
+def test_signal_stops_saves_exits_0_and_resume_is_exact(tmp_path, straight, procs, target):
     """SIGTERM to the only process, or SIGUSR1 to rank 1 alone: all ranks stop at the same step boundary,
     save, exit 0; `resume=auto` then finishes with the uninterrupted run's losses and weights."""
-    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "straight", **LONG)
-    ok(harness("train", "--config", str(cfg), procs=procs))
+    cfg, reference = straight(procs)
     out = tmp_path / "stopped"
     proc = start(cfg, procs, f"train.output_dir={out}")
     wait_for_step(out, 3, proc)
@@ -124,8 +140,8 @@ def test_signal_stops_saves_exits_0_and_resume_is_exact(tmp_path, tiny_model, pr
     assert 3 <= stopped_at < 80 and not (out / "final").exists()
     assert latest_checkpoint(out).name == f"step-{stopped_at:08d}"
     ok(harness("train", "--config", str(cfg), f"train.output_dir={out}", procs=procs))
-    assert losses(out) == losses(tmp_path / "straight")
-    assert same_weights(out, tmp_path / "straight")
+    assert losses(out) == losses(reference)
+    assert same_weights(out, reference)
 
 
 def test_two_ranks_stopped_then_one_rank_sees_every_example_once(tmp_path, tiny_model):
@@ -150,10 +166,9 @@ def test_two_ranks_stopped_then_one_rank_sees_every_example_once(tmp_path, tiny_
     assert train[-1]["train/epoch"] == 1.0
 
 
-def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, tiny_model):
+def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, straight):
     """Checkpoints every step, so the SIGKILL very likely lands inside a write; resume still works."""
-    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "straight", **LONG)
-    ok(harness("train", "--config", str(cfg)))
+    cfg, reference = straight(1)
     out = tmp_path / "killed"
     proc = start(cfg, 1, f"train.output_dir={out}", "train.save_every=1")
     wait_for_step(out, 6, proc)
@@ -163,8 +178,8 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, tiny_model)
     assert latest is not None
     r = ok(harness("train", "--config", str(cfg), f"train.output_dir={out}", "train.save_every=1"))
     assert f"resumed from {latest}" in r.stdout
-    assert losses(out) == losses(tmp_path / "straight")
-    assert same_weights(out, tmp_path / "straight")
+    assert losses(out) == losses(reference)
+    assert same_weights(out, reference)
 
 
 @pytest.fixture(scope="module")
