@@ -24,7 +24,8 @@ import numpy as np
 from benchmarks._children import report, run_child
 
 
-def build_assets(root: Path, examples: int, seed: int = 0) -> tuple[Path, Path]:
+def build_assets(root: Path, examples: int, seed: int = 0, model: dict | None = None) -> tuple[Path, Path]:
+    """bert-base-uncased's shape (or BertConfig `model` overrides) with random weights, and the reviews."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -36,7 +37,7 @@ def build_assets(root: Path, examples: int, seed: int = 0) -> tuple[Path, Path]:
     tok = BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt"))
     tok.save_pretrained(model_dir)
     torch.manual_seed(seed)
-    BertForSequenceClassification(BertConfig(num_labels=2)).save_pretrained(model_dir)  # bert-base-uncased shape
+    BertForSequenceClassification(BertConfig(num_labels=2, **(model or {}))).save_pretrained(model_dir)
 
     import pandas as pd
 
