@@ -58,7 +58,11 @@ VARIANTS = {
     "default": [],
     "compile": ["train.compile=true"],
     "cudagraphs": ["train.compile=true", "train.compile_mode=reduce-overhead"],
+    # bf16 weights with fp32 master weights and optimizer states (DeepSpeed's bf16 optimizer) instead of bf16
+    # autocast over fp32 weights (no per-forward casts of the weights): the shipped ZeRO-1 config, one process
+    "zero1": [],
 }
+LAUNCH_CONFIGS = {"zero1": "launch_configs/accelerate/deepspeed_zero1.yaml"}
 
 
 def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, variant: str, warmup: int,
@@ -78,8 +82,10 @@ def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, vari
     wall = time.perf_counter() - t0
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/mfu" in r]
     timed = [r for r in records if r["step"] > warmup]
+    started = json.loads((out / "sessions.jsonl").read_text().splitlines()[0])  # what really ran
     return {
         "batch": batch, "variant": variant, "steps": steps, "wall_s": round(wall, 1),
+        "ran": f"{started['parallelism']}, {started['mixed_precision']}",
         # compilation / capture and warm-up, apart from the steady state: the first `warmup` steps' wall time
         "first_steps_s": round(sum(10 / r["train/samples_per_s"] * batch for r in records if r["step"] <= warmup), 1),
         "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in timed),
@@ -133,17 +139,17 @@ def main() -> int:
             if variant not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r}: choose among {', '.join(VARIANTS)}")
             try:
-                r = run_child("benchmarks.gpu_bench", child_args, f"{batch}:{variant}")
+                r = run_child("benchmarks.gpu_bench", child_args, f"{batch}:{variant}", LAUNCH_CONFIGS.get(variant))
             except SystemExit as e:  # one variant failing (say, CUDA graphs) must not lose the others' figures
                 print(f"variant {variant} at batch {batch} failed: {e}", flush=True)
                 continue
             results.append(r)
             print("RESULT " + json.dumps(r), flush=True)
             Path(args.out, "gpu_results.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
-    print("\n| batch | variant | samples/s | real tokens/s | MFU | padding | peak memory (MB) | first steps (s) | wall (s) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| batch | variant | ran as | samples/s | real tokens/s | MFU | padding | peak memory (MB) | first steps (s) | wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['batch']} | {r['variant']} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
+        print(f"| {r['batch']} | {r['variant']} | {r['ran']} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
               f"{r['mfu']:.1%} | {r['padding_fraction']:.1%} | {r['peak_mem_mb']:.0f} | {r['first_steps_s']} | {r['wall_s']} |")
     return 0
 
