@@ -30,6 +30,9 @@ while true; do
   wait "$step" && status=0 || status=$?
   kill -0 "$step" 2>/dev/null || break
 done
+# again: a wait cut short by the USR1 trap returns 138, and srun may have ended (status 0, checkpoint written)
+# before the kill -0 above; bash keeps the exit status of its children, so this wait gives srun's own
+wait "$step" && status=0 || status=$?
 
 # the run folder decides whether the run is finished (harness/run_folder.py), not this script
 run_status=$(python -m harness plan --config "$CONFIG" --status "$@" 2>/dev/null | tail -n 1)

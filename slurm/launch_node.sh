@@ -7,6 +7,14 @@
 # expanded once on the submitting node would make every node believe it is rank 0 (the rendezvous then
 # times out). Environment: LAUNCH_CONFIG (accelerate config), GPUS_PER_NODE, MAIN_PORT.
 set -euo pipefail
+# USR1/TERM go to the launcher's children, the training processes, which checkpoint and exit 0 on them (the
+# launcher itself dies on USR1). The traps are set first: a signal that came before them would end this
+# script with status 138 and lose the job.
+launcher=
+# shellcheck disable=SC2317  # called from the traps below
+forward() { [ -z "$launcher" ] || pkill "-$1" -P "$launcher" 2>/dev/null || true; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
 
 CONFIG=${1:?usage: launch_node.sh CONFIG [KEY=VALUE ...]}
 shift
@@ -23,16 +31,12 @@ launch=(accelerate launch --config_file "$LAUNCH_CONFIG"
         -m harness train --config "$CONFIG" "$@")
 echo "node $NODE_RANK ($(hostname)): ${launch[*]}"
 
-# The launcher dies on SIGUSR1; the training processes (its children) checkpoint and exit 0 on it.
-# shellcheck disable=SC2317  # called from the traps below
-forward() { pkill "-$1" -P "$launcher" 2>/dev/null || true; }
 "${launch[@]}" &
 launcher=$!
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
 status=0
 while true; do
   wait "$launcher" && status=0 || status=$?
   kill -0 "$launcher" 2>/dev/null || break   # wait returned because of a trapped signal: keep waiting
 done
+wait "$launcher" && status=0 || status=$?  # the launcher's own status, not 138 from a wait cut short by a trap
 exit "$status"

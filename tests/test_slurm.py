@@ -27,13 +27,14 @@ exit 1
     "srun": """#!/usr/bin/env bash
 while [ "${1#-}" != "$1" ]; do shift; done
 pids=()
+trap '[ ${#pids[@]} -eq 0 ] || kill -USR1 "${pids[@]}" 2>/dev/null' USR1
 for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do
   SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" & pids+=($!)
 done
-trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
 rc=0
 for p in "${pids[@]}"; do
-  while true; do wait "$p"; r=$?; kill -0 "$p" 2>/dev/null || break; done
+  while kill -0 "$p" 2>/dev/null; do wait "$p"; done
+  wait "$p"; r=$?  # the task's own status: a wait cut short by the trap returns 138
   [ "$r" -ne 0 ] && rc=$r
 done
 exit $rc
