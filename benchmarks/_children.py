@@ -22,8 +22,7 @@ def run_child(module: str, args: list[str], system: str, launch_config: str | No
     """`python -m MODULE ARGS --child SYSTEM` from the repository root; returns its RESULT. With `launch_config`,
     the child runs as one process under `accelerate launch` with that shipped config (e.g. DeepSpeed)."""
     launcher = [] if launch_config is None else [
-        "-m", "accelerate.commands.launch", "--config_file", launch_config, "--num_processes", "1",
-        "--main_process_port", str(free_port())]
+        "-m", "accelerate.commands.launch", "--config_file", launch_config, "--num_processes", "1"]
     cmd = [sys.executable, *launcher, "-m", module, *args, "--child", system]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=child_env())
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -31,14 +30,6 @@ def run_child(module: str, args: list[str], system: str, launch_config: str | No
         print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
         raise SystemExit(f"{system} failed (exit {proc.returncode})")
     return json.loads(line[len("RESULT "):])
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def report(result: dict) -> None:

@@ -26,13 +26,10 @@ step=
 trap 'preempted=1; echo "USR1: asking the training processes to checkpoint"; [ -n "$step" ] && kill -USR1 "$step"' USR1
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash slurm/launch_node.sh "$CONFIG" "$@" &
 step=$!
-while true; do
-  wait "$step" && status=0 || status=$?
-  kill -0 "$step" 2>/dev/null || break
+while kill -0 "$step" 2>/dev/null; do
+  wait "$step" || true   # returns early (138) when the USR1 trap runs: keep waiting
 done
-# again: a wait cut short by the USR1 trap returns 138, and srun may have ended (status 0, checkpoint written)
-# before the kill -0 above; bash keeps the exit status of its children, so this wait gives srun's own
-wait "$step" && status=0 || status=$?
+wait "$step" && status=0 || status=$?   # srun's own exit status, which bash keeps (not the 138 of a cut-short wait)
 
 # the run folder decides whether the run is finished (harness/run_folder.py), not this script
 run_status=$(python -m harness plan --config "$CONFIG" --status "$@" 2>/dev/null | tail -n 1)

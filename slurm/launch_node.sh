@@ -33,10 +33,8 @@ echo "node $NODE_RANK ($(hostname)): ${launch[*]}"
 
 "${launch[@]}" &
 launcher=$!
-status=0
-while true; do
-  wait "$launcher" && status=0 || status=$?
-  kill -0 "$launcher" 2>/dev/null || break   # wait returned because of a trapped signal: keep waiting
+while kill -0 "$launcher" 2>/dev/null; do
+  wait "$launcher" || true   # returns early (138) when a trapped signal arrives: keep waiting
 done
-wait "$launcher" && status=0 || status=$?  # the launcher's own status, not 138 from a wait cut short by a trap
+wait "$launcher" && status=0 || status=$?   # the launcher's own exit status, which bash keeps
 exit "$status"
