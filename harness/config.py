@@ -105,6 +105,11 @@ class TrainConfig:
     compile_mode: str = "default"
     """torch.compile mode with train.compile: `default`, `reduce-overhead` (CUDA graphs, one per padded length:
     fewer kernel-launch gaps at small batches), `max-autotune`, `max-autotune-no-cudagraphs`."""
+    compile_dynamic: bool = True
+    """With train.compile: compile one graph whose batch size and padded length are symbolic (one compilation
+    for every shape; `reduce-overhead` still records a CUDA graph per shape), or `false`: a graph specialised
+    to each (batch size, padded length), compiled on its first batch (longer compilation, kernels tuned to
+    each shape). torch's own default, a static graph then a dynamic one at the second shape, compiles twice."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for the MFU figure (built in for A100, H100, H200 in bf16)."""
     report_to: Union[str, list[str]] = "tensorboard"

@@ -51,13 +51,17 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None):
     )
     try:
         try:
-            return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=cfg.attn_implementation, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=cfg.attn_implementation, **kwargs)
         except ValueError as e:
             if cfg.attn_implementation == "eager" or "attn" not in str(e).lower():
                 raise
-            return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager", **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager", **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise BadInput(f"cannot load model from '{source}': {first_line(e)}") from None
+    # What the model's first forward would write into its config (integer labels, at least 2 classes): set here,
+    # so that a compiled model's graph is not invalidated by that write after its first step and compiled twice.
+    model.config.problem_type = "single_label_classification"
+    return model
 
 
 def load_trained(model_dir: str | Path):

@@ -117,21 +117,22 @@ class Throughput:
 class DtypeProbe:
     """The dtype the forward really computes in, read off the model's last Linear layer at the first step.
 
-    The model's own outputs do not tell: Accelerate converts autocast outputs back to fp32.
+    The model's own outputs do not tell: Accelerate converts autocast outputs back to fp32. On a compiled
+    model the hook stays (removing it would fail a guard of the compiled graph and compile it again).
     """
 
-    def __init__(self, model: torch.nn.Module):
-        self.dtype = None
+    def __init__(self, model: torch.nn.Module, compiled: bool = False):
+        self.dtype, self.compiled = None, compiled
         last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
         self._handle = last.register_forward_hook(self._record)
 
     def _record(self, module, inputs, output) -> None:
-        if self.dtype is None:
-            self.dtype = str(output.dtype).replace("torch.", "")
+        self.dtype = output.dtype  # unconditional: a compiled graph replays it without a guard on its value
 
     def remove(self) -> str | None:
-        self._handle.remove()
-        return self.dtype
+        if not self.compiled:
+            self._handle.remove()
+        return None if self.dtype is None else str(self.dtype).replace("torch.", "")
 
 
 class NonFiniteGuard:
@@ -185,6 +186,14 @@ class NonFiniteGuard:
                 f"Newest good checkpoint: {checkpoint}; resume from it with a lower train.lr "
                 f"(train.resume=PATH), or check the data of that step"
             )
+
+
+def compile_report() -> str:
+    """How many graphs torch.compile built in this process, and where it fell back to Python (graph breaks)."""
+    from torch._dynamo.utils import counters
+
+    breaks = sum(counters["graph_break"].values())
+    return f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled, {breaks} graph break(s)"
 
 
 def is_sync_warning(message: str) -> bool:

@@ -29,7 +29,7 @@ from harness.evaluation import evaluate
 from harness.modeling import attention_mask_for, build_optimizer, flops_per_token, linear_schedule, load_model, load_tokenizer, peak_flops
 from harness.run_folder import RunFolder, hold_run_folder
 from harness.schedule import Schedule
-from harness.tracking import DtypeProbe, MetricsLog, NonFiniteGuard, SyncWatch, Throughput, trackers
+from harness.tracking import DtypeProbe, MetricsLog, NonFiniteGuard, SyncWatch, Throughput, compile_report, trackers
 
 
 def train(cfg: Config) -> dict:
@@ -78,11 +78,14 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
     model = load_model(cfg.model)
     model_flops = flops_per_token(model)  # read off the bare model, before any wrapper
     attn = model.config._attn_implementation  # what was loaded (sdpa falls back to eager where unsupported)
-    probe = DtypeProbe(model)
+    probe = DtypeProbe(model, compiled=t.compile)
     optimizer = build_optimizer(model, t.lr, t.weight_decay,
                                 fused=accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None)
     if t.compile:  # in place: parameter names, checkpoints and exports stay those of the eager model
-        model.compile(mode=t.compile_mode)
+        if not t.compile_dynamic:  # a graph per (batch size, padded length): can be more than torch's limit of 8
+            lengths = -(-cfg.data.max_length // train_dl.collate_fn.multiple)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * lengths + 2)
+        model.compile(mode=t.compile_mode, dynamic=t.compile_dynamic)
     scheduler = linear_schedule(optimizer, schedule.warmup, total_steps)
     configure_deepspeed(accelerator, t)
     configure_fsdp(accelerator, model)
@@ -246,6 +249,8 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
         progress.close()
         if watch.report():
             say(watch.report())
+        if t.compile:
+            say(compile_report())
         log.close()
         stop.uninstall()
         accelerator.end_training()

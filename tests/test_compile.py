@@ -25,12 +25,18 @@ def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads
     recipe = dict(data={"train_samples": 32}, train={"max_steps": 8, "lr": 3e-3})
     eager_cfg = write_config(tmp_path / "eager.yaml", model_dir, tmp_path / "eager", **recipe)
     compiled_cfg = write_config(tmp_path / "compiled.yaml", model_dir, tmp_path / "compiled", **recipe)
-    # data.pad_multiple=auto pads to multiples of 64 for a compiled model (capped at max_length, 32 here): the eager
-    # run is given the same padded shapes, so both compute on the same tensors
-    runs = [ok(harness("train", "--config", str(eager_cfg), "data.pad_multiple=64")),
-            ok(harness("train", "--config", str(compiled_cfg), "train.compile=true", timeout=600))]
+    # both runs pad to multiples of 8, so that the 8 steps see several padded lengths (and compute on the same tensors)
+    runs = [ok(harness("train", "--config", str(eager_cfg), "data.pad_multiple=8")),
+            ok(harness("train", "--config", str(compiled_cfg), "data.pad_multiple=8", "train.compile=true", timeout=600))]
     eager_first, compiled_first = (float(re.search(r"first step in ([0-9.]+) s", r.stdout).group(1)) for r in runs)
     assert compiled_first > max(1.0, 5 * eager_first), "the first step compiled the model"
+    rows = [r for r in map(json.loads, (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+    # each step's padded length: its real tokens per example over the share of tokens that are real
+    widths = {round(r["train/tokens_per_s"] / r["train/samples_per_s"] / (1 - r["train/padding_fraction"])) for r in rows}
+    assert len(widths) >= 2 and widths <= {8, 16, 24, 32}, widths
+    # one graph for every batch shape: not one specialised to the first batch, then a second when the length changes,
+    # nor a third when the first step's write of config.problem_type or the removal of a hook fails a guard
+    assert "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in runs[1].stdout
 
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert list(compiled) == list(range(1, 9))
@@ -47,3 +53,16 @@ def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads
     results = [json.loads((tmp_path / run / "final" / "eval_results.json").read_text()) for run in ("eager", "compiled")]
     assert results[1]["num_examples"] == 41
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], abs=1e-4)
+
+
+def test_static_compilation_builds_one_graph_per_padded_length(tmp_path, tiny_model):
+    # train.compile_dynamic=false: a graph specialised to each shape, and torch's limit of 8 recompilations raised for
+    # them; 6 steps of batch 4 padded to multiples of 8 see several lengths
+    cfg = write_config(tmp_path / "static.yaml", tiny_model, tmp_path / "static", data={"train_samples": 24},
+                       train={"max_steps": 6})
+    r = ok(harness("train", "--config", str(cfg), "data.pad_multiple=8", "train.compile=true", "train.compile_dynamic=false",
+                   timeout=600))
+    rows = [r for r in map(json.loads, (tmp_path / "static" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+    widths = {round(r["train/tokens_per_s"] / r["train/samples_per_s"] / (1 - r["train/padding_fraction"])) for r in rows}
+    assert len(widths) >= 2, widths
+    assert f"torch.compile: {len(widths)} graph(s) compiled, 0 graph break(s)" in r.stdout

@@ -47,7 +47,7 @@ def test_dtype_probe_reads_the_last_linear_layer_inside_autocast():
         model(torch.randn(3, 4)).float()  # what Accelerate hands back is fp32 again
     assert probe.remove() == "bfloat16"
     model(torch.randn(3, 4))
-    assert probe.dtype == "bfloat16", "removed: later forwards do not change it"
+    assert probe.dtype == torch.bfloat16, "removed: later forwards do not change it"
 
 
 def test_sync_watch_counts_synchronising_operations_not_the_prototype_notice():
