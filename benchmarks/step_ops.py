@@ -1,6 +1,6 @@
 """Operators dispatched per training step of `harness train`: the host work of a step, counted, not timed.
 
-    python -m benchmarks.step_ops                        # fp32 and bf16 autocast, on CUDA if there is one, else CPU
+    python -m benchmarks.step_ops                        # fp32, bf16 autocast, bf16 master weights; CUDA if there is one
     python -m benchmarks.step_ops --systems bf16 --top 25
 
 At a small batch a GPU step is bound by the host: every operator the dispatcher runs costs microseconds of
@@ -12,7 +12,8 @@ logging); the difference between a run of --steps[1] and one of --steps[0] steps
 difference, is the count per optimizer step, free of what every run does once (loading, evaluation, saving).
 
 - fp32: no mixed precision (as on a CPU without a launch config);
-- bf16: autocast to bf16, as the GPU launch configs ship (`mixed_precision: bf16`).
+- bf16: autocast to bf16, as the GPU launch configs ship (`mixed_precision: bf16`);
+- bf16_master: the same launch precision with `train.bf16_mode=master_weights` (bf16 weights, fp32 masters).
 
 The table groups operators: casts (`_to_copy`, autocast's copies of weights and activations and their
 gradients), matmuls, views (metadata only: no kernel), and the rest.
@@ -29,7 +30,8 @@ from pathlib import Path
 
 from benchmarks._children import report, run_child
 
-SYSTEMS = {"fp32": "no", "bf16": "bf16"}
+# system: (launch precision, train.bf16_mode)
+SYSTEMS = {"fp32": ("no", "autocast"), "bf16": ("bf16", "autocast"), "bf16_master": ("bf16", "master_weights")}
 GROUPS = {
     "casts": {"aten._to_copy"},
     "matmuls": {"aten.mm", "aten.addmm", "aten.bmm"},
@@ -55,9 +57,11 @@ def count_run(args, steps: int) -> collections.Counter:
             return func(*args, **(kwargs or {}))
 
     run_args = argparse.Namespace(**{**vars(args), "steps": steps})
+    cfg = recipe(run_args, Path(tempfile.mkdtemp()) / "run", "harness")
+    cfg.train.bf16_mode = SYSTEMS[args.child][1]
     counter = Count()
     with counter:
-        train(recipe(run_args, Path(tempfile.mkdtemp()) / "run", "harness"))
+        train(cfg)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return counter.ops
 
@@ -71,7 +75,7 @@ def run_system(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--systems", default="fp32,bf16")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--steps", type=lambda s: tuple(int(x) for x in s.split(",")), default=(10, 20),
@@ -85,7 +89,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.child:
-        os.environ["ACCELERATE_MIXED_PRECISION"] = SYSTEMS[args.child]
+        os.environ["ACCELERATE_MIXED_PRECISION"] = SYSTEMS[args.child][0]
         report(run_system(args))
         return 0
     import torch

@@ -255,15 +255,18 @@ TRAINING_CONFIG = "training_config.yaml"  # beside an exported model: how it was
 
 
 def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] = None,
-               training_config: Optional[str] = None) -> None:
+               training_config: Optional[str] = None, weights: Optional[Callable[[], Optional[dict]]] = None) -> None:
     """HF-format model + tokenizer at `path` (plus `extra` as eval_results.json and the resolved config as
     training_config.yaml, which `harness evaluate` and `harness predict` read), written by the main process.
 
     Every rank must call this: under ZeRO-3 `get_state_dict` gathers the partitioned weights, a
-    collective that hangs if one rank skips it and writes empty tensors if nobody gathers.
+    collective that hangs if one rank skips it and writes empty tensors if nobody gathers. `weights` gives
+    the state_dict to write instead of the model's own (the fp32 masters of bf16 weights).
     """
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = weights() if weights else None
+    if state_dict is None:
+        state_dict = accelerator.get_state_dict(model)
     tmp = path.with_name(path.name + ".tmp")
     error = None
     if accelerator.is_main_process:
@@ -271,9 +274,12 @@ def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] 
             shutil.rmtree(tmp, ignore_errors=True)
             # save_original_format=False: keep the parameter names as they are (LayerNorm.weight), not the legacy
             # names (LayerNorm.gamma) that transformers 5 writes back for models it loaded through a renaming.
+            dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), None)  # save_pretrained empties it
             accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
                 tmp, state_dict=state_dict, safe_serialization=True, save_original_format=False
             )
+            if weights is not None and dtype is not None:  # config.json names the parameters' dtype, not the weights'
+                _set_config_dtype(tmp / "config.json", dtype)
             tokenizer.save_pretrained(tmp)
             _fault("model", accelerator.process_index)
             if extra is not None:
@@ -285,6 +291,14 @@ def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] 
             error = e
     _agree(accelerator, error, path, functools.partial(shutil.rmtree, tmp, ignore_errors=True),
            latest_checkpoint(path.parent, warn=lambda message: None))
+
+
+def _set_config_dtype(config: Path, dtype) -> None:
+    values = json.loads(config.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in values:
+            values[key] = str(dtype).replace("torch.", "")
+    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def copy_model(accelerator, source: Path, path: Path, note: dict) -> None:

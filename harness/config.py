@@ -98,6 +98,11 @@ class TrainConfig:
     """Stop after this many evaluations in a row without an improvement of train.best_metric by more than
     train.early_stopping_min_delta (needs train.best_metric); final/ then holds the best model."""
     early_stopping_min_delta: float = 0.0
+    bf16_mode: str = "autocast"
+    """How a launch config's `mixed_precision: bf16` is run (one process or DDP): `autocast` (fp32 weights, the
+    forward autocast to bf16) or `master_weights` (bf16 weights for the forward and backward, fp32 master
+    weights and optimizer states; bf16 gradients, accumulated and all-reduced in bf16). DeepSpeed's bf16
+    keeps fp32 masters of its own; FSDP2 follows its mixed-precision policy."""
     compile: bool = False
     """torch.compile the model for training, in place (its parameter names, checkpoints and exports are the
     eager model's); evaluation runs it eagerly. With data.pad_multiple=auto, batches are then padded to
@@ -287,6 +292,7 @@ def validate(cfg: Config) -> None:
     need(d.text_pair_column != d.text_column, f"data.text_pair_column must differ from data.text_column ({d.text_column!r})")
     need(d.pad_multiple == "auto" or (isinstance(d.pad_multiple, int) and d.pad_multiple >= 1),
          f"data.pad_multiple must be 'auto' or a positive number of tokens, got {d.pad_multiple!r}")
+    need(t.bf16_mode in ("autocast", "master_weights"), f"train.bf16_mode must be autocast or master_weights, got {t.bf16_mode!r}")
     need(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
          f"train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {t.compile_mode!r}")
     need(m.attention_mask in ("auto", "4d", "2d"), f"model.attention_mask must be auto, 4d or 2d, got {m.attention_mask!r}")

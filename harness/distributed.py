@@ -35,6 +35,17 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def bf16_master_weights(bf16_mode: str) -> bool:
+    """Whether this run keeps bf16 weights with fp32 masters (train.bf16_mode=master_weights under a bf16
+    launch config); refused, naming the reason, where the launch config's engine decides precision itself."""
+    if bf16_mode != "master_weights" or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "bf16":
+        return False
+    if deepspeed_requested() or fsdp_requested():
+        raise BadInput("train.bf16_mode=master_weights is for one process or DDP: with DeepSpeed or FSDP launch configs, "
+                       "their own bf16 settings decide (DeepSpeed keeps fp32 master weights already)")
+    return True
+
+
 def collective_timeout(stall_timeout_s: Optional[float]) -> Optional[timedelta]:
     """The process group's collective timeout: a minute beyond the stall watchdog's bound, so that the watchdog
     (which prints every thread's stack) fires first; torch's default (10 or 30 minutes) when it is off."""
@@ -42,8 +53,10 @@ def collective_timeout(stall_timeout_s: Optional[float]) -> Optional[timedelta]:
 
 
 def build_accelerator(grad_accum_steps: int = 1, log_with: list[str] | None = None,
-                      logging_dir: str | None = None, stall_timeout_s: Optional[float] = None) -> Accelerator:
-    """The Accelerator for what the launcher asked; `log_with` trackers write under `logging_dir`."""
+                      logging_dir: str | None = None, stall_timeout_s: Optional[float] = None,
+                      autocast: bool = True) -> Accelerator:
+    """The Accelerator for what the launcher asked; `log_with` trackers write under `logging_dir`;
+    `autocast=False`: none of the launch config's autocast (bf16 weights compute in bf16 by themselves)."""
     if deepspeed_requested() and importlib.util.find_spec("deepspeed") is None:
         raise BadInput("the launch config asks for DeepSpeed, which is not installed: pip install -e '.[deepspeed]'")
     kwargs: dict = {}
@@ -57,6 +70,8 @@ def build_accelerator(grad_accum_steps: int = 1, log_with: list[str] | None = No
             # A MULTI_GPU launch config on a machine without GPUs still starts N ranks; cpu=True makes them gloo.
             kwargs["cpu"] = True
     kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
+    if not autocast:
+        kwargs["mixed_precision"] = "no"
     if log_with:
         kwargs["log_with"] = log_with
         kwargs["project_dir"] = logging_dir

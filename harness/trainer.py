@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from harness.checkpoint import Progress, copy_model, latest_checkpoint, read_progress, save_checkpoint, save_model
 from harness.config import BEST_METRICS, Config
 from harness.data import training_data
-from harness.distributed import (StallWatchdog, StopFlag, build_accelerator, check_world_size, collective_timeout,
-                                 configure_deepspeed, configure_fsdp, record_deepspeed_config, sharding)
+from harness.distributed import (StallWatchdog, StopFlag, bf16_master_weights, build_accelerator, check_world_size,
+                                 collective_timeout, configure_deepspeed, configure_fsdp, record_deepspeed_config, sharding)
 from harness.errors import BadInput, TrainingDiverged, WriteFailed, first_line
 from harness.evaluation import evaluate
-from harness.modeling import attention_mask_for, build_optimizer, flops_per_token, linear_schedule, load_model, load_tokenizer, peak_flops
+from harness.modeling import (MasterWeights, attention_mask_for, build_optimizer, flops_per_token, linear_schedule, load_model,
+                              load_tokenizer, peak_flops)
 from harness.run_folder import RunFolder, hold_run_folder
 from harness.schedule import Schedule
 from harness.tracking import DtypeProbe, MetricsLog, NonFiniteGuard, SyncWatch, Throughput, compile_report, trackers
@@ -36,12 +37,14 @@ def train(cfg: Config) -> dict:
     """One run in its folder: the folder's lock is held from before anything is written until the end."""
     t = cfg.train
     run = RunFolder(t.output_dir)
-    accelerator = build_accelerator(t.grad_accum_steps, trackers(t.report_to), str(run.tensorboard), t.stall_timeout_s)
+    master_weights = bf16_master_weights(t.bf16_mode)
+    accelerator = build_accelerator(t.grad_accum_steps, trackers(t.report_to), str(run.tensorboard), t.stall_timeout_s,
+                                    autocast=not master_weights)
     say = functools.partial(accelerator.print, flush=True)  # the main process only: once per job, not per node
     lock = hold_run_folder(run, accelerator, warn=say)  # a second run into this folder is refused (exit 2)
     watchdog = StallWatchdog(t.stall_timeout_s, accelerator.process_index, on_stall=run.record_stop)
     try:
-        return train_in(run, cfg, accelerator, watchdog)
+        return train_in(run, cfg, accelerator, watchdog, master_weights)
     except (TrainingDiverged, WriteFailed) as e:
         if accelerator.is_main_process:
             run.record_stop(str(e))
@@ -51,7 +54,7 @@ def train(cfg: Config) -> dict:
         lock.release()
 
 
-def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) -> dict:
+def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, master_weights: bool = False) -> dict:
     t = cfg.train
     say = functools.partial(accelerator.print, flush=True)
 
@@ -81,6 +84,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
     probe = DtypeProbe(model, compiled=t.compile)
     optimizer = build_optimizer(model, t.lr, t.weight_decay,
                                 fused=accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None)
+    masters = MasterWeights(model, optimizer) if master_weights else None  # the optimizer then steps fp32 masters
     if t.compile:  # in place: parameter names, checkpoints and exports stay those of the eager model
         if not t.compile_dynamic:  # a graph per (batch size, padded length): can be more than torch's limit of 8
             lengths = -(-cfg.data.max_length // train_dl.collate_fn.multiple)
@@ -99,16 +103,20 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
 
     log = MetricsLog(accelerator, run, cfg, resume_step=state.step if checkpoint else None)
     parallelism = sharding(accelerator) or ('DDP' if accelerator.num_processes > 1 else 'one process')
-    say(f"parallelism: {parallelism} on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}")
+    precision = "bf16 weights, fp32 master weights" if masters else accelerator.mixed_precision
+    say(f"parallelism: {parallelism} on {accelerator.device.type}, mixed precision {precision}")
     if accelerator.is_main_process:
         run.record_session(event="started", step=state.step, processes=accelerator.num_processes,
-                           device=device_name(accelerator.device), mixed_precision=accelerator.mixed_precision,
+                           device=device_name(accelerator.device), mixed_precision=precision,
                            parallelism=parallelism, torch=torch.__version__)
     say(
         f"train: {len(train_ds)} examples, eval: {len(eval_ds)}; {accelerator.num_processes} process(es) x "
         f"batch {t.per_device_batch_size} x accumulation {t.grad_accum_steps} = {sampler.global_batch} per step; "
         f"{schedule.steps_per_epoch} steps/epoch, {total_steps} steps, warmup {schedule.warmup}"
     )
+
+    def export_weights() -> dict | None:  # what final/ and best/ hold: the fp32 masters where the model computes in bf16
+        return masters.state_dict(accelerator.unwrap_model(model, keep_torch_compile=False)) if masters else None
 
     def save(progress: Progress) -> Path:
         guard.check(newest_good)  # never a checkpoint of poisoned weights
@@ -136,7 +144,8 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
             if gain is None or gain > 0:
                 state.best_value, state.best_step = value, step
                 watchdog.beat()
-                save_model(accelerator, model, tokenizer, run.best, extra={"step": step, **metrics}, training_config=cfg.to_yaml())
+                save_model(accelerator, model, tokenizer, weights=export_weights, path=run.best, extra={"step": step, **metrics},
+                           training_config=cfg.to_yaml())
                 watchdog.beat()
             if gain is None or gain > t.early_stopping_min_delta:
                 state.evals_without_improvement = 0
@@ -166,8 +175,10 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
                     batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                     batch["attention_mask"] = attention_mask_for(batch["attention_mask"], attn, cfg.model.attention_mask)
                     with accelerator.accumulate(model):
-                        outputs = model(**batch)
-                        loss = guard.inject(outputs.loss, step + 1)
+                        labels = batch.pop("labels")
+                        logits = model(**batch).logits
+                        # in fp32 whatever the weights' dtype (autocast computes it so; bf16 weights would give a bf16 loss)
+                        loss = guard.inject(torch.nn.functional.cross_entropy(logits.float(), labels), step + 1)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and t.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -239,7 +250,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog) 
                 f"model, from step {state.best_step} ({t.best_metric} {state.best_value:.4f})")
             metrics = json.loads((run.final / "eval_results.json").read_text())
         else:
-            save_model(accelerator, model, tokenizer, run.final, extra=metrics, training_config=cfg.to_yaml())
+            save_model(accelerator, model, tokenizer, weights=export_weights, path=run.final, extra=metrics, training_config=cfg.to_yaml())
         say(f"saved {run.final}")
         say(json.dumps(metrics))
         return metrics
