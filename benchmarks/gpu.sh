@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu.sh                    # tables on stdout; JSON and logs in $OUT (default .)
 #   STEPS=100 BATCHES=8,128 VARIANTS=v0.1,default,compile bash benchmarks/gpu.sh
-#   VARIANTS=default,zero1,cudagraphs bash benchmarks/gpu.sh    # zero1: bf16 weights + fp32 master (DeepSpeed), vs autocast
+#   VARIANTS=default,master,cudagraphs bash benchmarks/gpu.sh   # master: bf16 weights + fp32 masters, vs autocast (default)
 #
 # Where Python packages cannot be installed, put wheels of the missing ones (e.g. datasets, dill,
 # multiprocess, pyarrow) in .whl/ at the repository root: they are installed into /tmp/site first.

@@ -58,8 +58,11 @@ VARIANTS = {
     "default": [],
     "compile": ["train.compile=true"],
     "cudagraphs": ["train.compile=true", "train.compile_mode=reduce-overhead"],
-    # bf16 weights with fp32 master weights and optimizer states (DeepSpeed's bf16 optimizer) instead of bf16
-    # autocast over fp32 weights (no per-forward casts of the weights): the shipped ZeRO-1 config, one process
+    "static": ["train.compile=true", "train.compile_dynamic=false"],  # a compiled graph per (batch, length)
+    # bf16 weights with fp32 master weights and optimizer states, harness's own (no autocast: none of its casts)
+    "master": ["train.bf16_mode=master_weights"],
+    "master_cudagraphs": ["train.bf16_mode=master_weights", "train.compile=true", "train.compile_mode=reduce-overhead"],
+    # the same through DeepSpeed's bf16 optimizer: the shipped ZeRO-1 config, one process
     "zero1": [],
 }
 LAUNCH_CONFIGS = {"zero1": "launch_configs/accelerate/deepspeed_zero1.yaml"}
