@@ -112,8 +112,8 @@ class MasterWeights:
     (`train.bf16_mode: master_weights`): no autocast, so none of its casts of weights and activations and
     their gradients in every step.
 
-    `optimizer` was built on the model's fp32 parameters: they become the master weights, and the model is
-    given bf16 copies. Hooks on the optimizer do the rest, so the loop and Accelerate see a plain optimizer:
+    `optimizer` was built on the model's fp32 parameters, on the training device (Accelerate's `prepare` moves
+    the model, which no longer holds them): they become the master weights, and the model is given bf16 copies. Hooks on the optimizer do the rest, so the loop and Accelerate see a plain optimizer:
     before each step the bf16 gradients (already all-reduced by DDP, and clipped) are copied into fp32; after
     it the masters are copied back into the bf16 weights. The optimizer's state_dict carries the masters, so a
     checkpoint resumes exactly; `state_dict()` gives the fp32 weights for exports.

@@ -82,9 +82,12 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     model_flops = flops_per_token(model)  # read off the bare model, before any wrapper
     attn = model.config._attn_implementation  # what was loaded (sdpa falls back to eager where unsupported)
     probe = DtypeProbe(model, compiled=t.compile)
+    if master_weights:  # on the device before the optimizer takes its parameters as the fp32 masters
+        model.to(accelerator.device)
     optimizer = build_optimizer(model, t.lr, t.weight_decay,
                                 fused=accelerator.device.type == "cuda" and accelerator.state.deepspeed_plugin is None)
-    masters = MasterWeights(model, optimizer) if master_weights else None  # the optimizer then steps fp32 masters
+    # train.bf16_mode=master_weights: the model gets bf16 copies, the optimizer steps the fp32 originals
+    masters = MasterWeights(model, optimizer) if master_weights else None
     if t.compile:  # in place: parameter names, checkpoints and exports stay those of the eager model
         if not t.compile_dynamic:  # a graph per (batch size, padded length): can be more than torch's limit of 8
             lengths = -(-cfg.data.max_length // train_dl.collate_fn.multiple)

@@ -76,3 +76,14 @@ def test_a_tied_weight_gets_one_master_and_stays_tied():
     assert torch.equal(embed.weight, masters.masters[0].detach().bfloat16()), "the weights follow the updated master"
     assert set(masters.state_dict(model)) == {"0.weight", "1.weight"}
     assert masters.state_dict(model)["1.weight"].dtype == torch.float32
+
+
+def test_the_bf16_copies_live_where_the_masters_do():
+    # the loop moves the model to the training device before the optimizer takes its parameters as the masters;
+    # `meta` stands in for a GPU on a machine without one
+    model = nn.Linear(4, 2, device="meta")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    masters = MasterWeights(model, optimizer)
+    assert optimizer.param_groups[0]["params"][0] is masters.masters[0]
+    assert {m.device.type for m in masters.masters} == {g.device.type for g in masters.grads} == {"meta"}
+    assert model.weight.device.type == "meta" and model.weight.dtype == torch.bfloat16
