@@ -11,17 +11,25 @@ from safetensors import safe_open
 from tests.helpers import harness, losses, ok, write_config
 
 
-def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads(tmp_path, tiny_model):
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory, tiny_model):
+    """The tiny model with one layer (half the graph to compile) and without dropout (inductor draws its own random
+    numbers, so dropout masks would differ from the eager run's)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    # the tiny model with one layer (half the graph to compile) and without dropout (inductor draws its own random
-    # numbers, so dropout masks would differ from the eager run's)
-    model_dir = tmp_path / "one-layer"
+    model_dir = tmp_path_factory.mktemp("one-layer")
     config = AutoConfig.from_pretrained(tiny_model)
     config.num_hidden_layers, config.hidden_dropout_prob, config.attention_probs_dropout_prob = 1, 0.0, 0.0
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(model_dir)
+    return model_dir
+
+
+def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads(tmp_path, one_layer):
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = one_layer
     recipe = dict(data={"train_samples": 32}, train={"max_steps": 8, "lr": 3e-3})
     eager_cfg = write_config(tmp_path / "eager.yaml", model_dir, tmp_path / "eager", **recipe)
     compiled_cfg = write_config(tmp_path / "compiled.yaml", model_dir, tmp_path / "compiled", **recipe)
@@ -55,12 +63,12 @@ def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], abs=1e-4)
 
 
-def test_static_compilation_builds_one_graph_per_padded_length(tmp_path, tiny_model):
+def test_static_compilation_builds_one_graph_per_padded_length(tmp_path, one_layer):
     # train.compile_dynamic=false: a graph specialised to each shape, and torch's limit of 8 recompilations raised for
-    # them; 6 steps of batch 4 padded to multiples of 8 see several lengths
-    cfg = write_config(tmp_path / "static.yaml", tiny_model, tmp_path / "static", data={"train_samples": 24},
+    # them; 6 steps of batch 4 padded to multiples of 4 at max_length 16 see several lengths
+    cfg = write_config(tmp_path / "static.yaml", one_layer, tmp_path / "static", data={"train_samples": 24, "max_length": 16},
                        train={"max_steps": 6})
-    r = ok(harness("train", "--config", str(cfg), "data.pad_multiple=8", "train.compile=true", "train.compile_dynamic=false",
+    r = ok(harness("train", "--config", str(cfg), "data.pad_multiple=4", "train.compile=true", "train.compile_dynamic=false",
                    timeout=600))
     rows = [r for r in map(json.loads, (tmp_path / "static" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
     widths = {round(r["train/tokens_per_s"] / r["train/samples_per_s"] / (1 - r["train/padding_fraction"])) for r in rows}
