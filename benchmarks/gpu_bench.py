@@ -58,7 +58,6 @@ VARIANTS = {
     "default": [],
     "compile": ["train.compile=true"],
     "cudagraphs": ["train.compile=true", "train.compile_mode=reduce-overhead"],
-    "static": ["train.compile=true", "train.compile_dynamic=false"],  # a compiled graph per (batch, length)
     # bf16 weights with fp32 master weights and optimizer states, harness's own (no autocast: none of its casts)
     "master": ["train.bf16_mode=master_weights"],
     "master_cudagraphs": ["train.bf16_mode=master_weights", "train.compile=true", "train.compile_mode=reduce-overhead"],

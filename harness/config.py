@@ -105,16 +105,12 @@ class TrainConfig:
     keeps fp32 masters of its own; FSDP2 follows its mixed-precision policy."""
     compile: bool = False
     """torch.compile the model for training, in place (its parameter names, checkpoints and exports are the
-    eager model's); evaluation runs it eagerly. With data.pad_multiple=auto, batches are then padded to
+    eager model's), as one graph whose batch size and padded length are symbolic (one compilation for every
+    shape; `reduce-overhead` records a CUDA graph per shape); evaluation runs it eagerly. With data.pad_multiple=auto, batches are then padded to
     multiples of 64 on any device, so few shapes are compiled."""
     compile_mode: str = "default"
     """torch.compile mode with train.compile: `default`, `reduce-overhead` (CUDA graphs, one per padded length:
     fewer kernel-launch gaps at small batches), `max-autotune`, `max-autotune-no-cudagraphs`."""
-    compile_dynamic: bool = True
-    """With train.compile: compile one graph whose batch size and padded length are symbolic (one compilation
-    for every shape; `reduce-overhead` still records a CUDA graph per shape), or `false`: a graph specialised
-    to each (batch size, padded length), compiled on its first batch (longer compilation, kernels tuned to
-    each shape). torch's own default, a static graph then a dynamic one at the second shape, compiles twice."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for the MFU figure (built in for A100, H100, H200 in bf16)."""
     report_to: Union[str, list[str]] = "tensorboard"

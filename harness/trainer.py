@@ -89,10 +89,9 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     # train.bf16_mode=master_weights: the model gets bf16 copies, the optimizer steps the fp32 originals
     masters = MasterWeights(model, optimizer) if master_weights else None
     if t.compile:  # in place: parameter names, checkpoints and exports stay those of the eager model
-        if not t.compile_dynamic:  # a graph per (batch size, padded length): can be more than torch's limit of 8
-            lengths = -(-cfg.data.max_length // train_dl.collate_fn.multiple)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * lengths + 2)
-        model.compile(mode=t.compile_mode, dynamic=t.compile_dynamic)
+        # dynamic: one graph for every batch size and padded length. torch's default specialises the first graph to the
+        # first batch's shape and compiles a second, dynamic one at the next length: two compilations for the same end
+        model.compile(mode=t.compile_mode, dynamic=True)
     scheduler = linear_schedule(optimizer, schedule.warmup, total_steps)
     configure_deepspeed(accelerator, t)
     configure_fsdp(accelerator, model)

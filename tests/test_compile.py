@@ -62,15 +62,3 @@ def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads
     assert results[1]["num_examples"] == 41
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], abs=1e-4)
 
-
-def test_static_compilation_builds_one_graph_per_padded_length(tmp_path, one_layer):
-    # train.compile_dynamic=false: a graph specialised to each shape, and torch's limit of 8 recompilations raised for
-    # them; 6 steps of batch 4 padded to multiples of 4 at max_length 16 see several lengths
-    cfg = write_config(tmp_path / "static.yaml", one_layer, tmp_path / "static", data={"train_samples": 24, "max_length": 16},
-                       train={"max_steps": 6})
-    r = ok(harness("train", "--config", str(cfg), "data.pad_multiple=4", "train.compile=true", "train.compile_dynamic=false",
-                   timeout=600))
-    rows = [r for r in map(json.loads, (tmp_path / "static" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
-    widths = {round(r["train/tokens_per_s"] / r["train/samples_per_s"] / (1 - r["train/padding_fraction"])) for r in rows}
-    assert len(widths) >= 2, widths
-    assert f"torch.compile: {len(widths)} graph(s) compiled, 0 graph break(s)" in r.stdout
