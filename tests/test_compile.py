@@ -61,4 +61,3 @@ def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads
     results = [json.loads((tmp_path / run / "final" / "eval_results.json").read_text()) for run in ("eager", "compiled")]
     assert results[1]["num_examples"] == 41
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], abs=1e-4)
-
