@@ -93,7 +93,7 @@ def attention_mask_for(mask: torch.Tensor, attn_implementation: str, mask_format
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and normalization weights; `fused`: one kernel per step (CUDA)."""
+    """AdamW with no weight decay on biases and normalization weights; `fused`: one kernel per step (CUDA and CPU)."""
     no_decay = set()
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
