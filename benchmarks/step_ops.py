@@ -62,7 +62,8 @@ def count_run(args, steps: int) -> collections.Counter:
     counter = Count()
     with counter:
         train(cfg)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return counter.ops
 
 

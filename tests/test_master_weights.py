@@ -22,6 +22,7 @@ def test_two_ranks_train_bf16_weights_export_fp32_masters_and_resume_exactly(tmp
     cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "saving", data={"train_samples": 32},
                        train={"max_steps": 10, "eval_every": 100, "save_every": 5, "bf16_mode": "master_weights"})
     r = ok(launch(CPU_LAUNCH, "train", "--config", str(cfg), procs=2, launch_args=BF16))
+    assert "2 process(es)" in r.stdout
     assert "mixed precision bf16 weights, fp32 master weights" in r.stdout
     assert "compute dtype bfloat16" in r.stdout
 
@@ -43,7 +44,7 @@ def test_two_ranks_train_bf16_weights_export_fp32_masters_and_resume_exactly(tmp
     resumed = tmp_path / "resumed"
     r = ok(launch(CPU_LAUNCH, "train", "--config", str(cfg), f"train.output_dir={resumed}", f"train.resume={checkpoint}",
                   procs=2, launch_args=BF16))
-    assert "resumed from" in r.stdout
+    assert "2 process(es)" in r.stdout and "resumed from" in r.stdout
     straight, after = losses(tmp_path / "saving"), losses(resumed)
     assert sorted(after) == list(range(6, 11))
     assert {s: straight[s] for s in after} == after, "identical per-step losses after resume"
