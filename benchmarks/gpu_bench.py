@@ -58,9 +58,14 @@ VARIANTS = {
     "default": [],
     "compile": ["train.compile=true"],
     "cudagraphs": ["train.compile=true", "train.compile_mode=reduce-overhead"],
+    # each encoder layer compiled in place, one graph shared by all of them: a fraction of the compile time
+    "compile_layers": ["train.compile=true", "train.compile_scope=layers"],
+    "cudagraphs_layers": ["train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_scope=layers"],
     # bf16 weights with fp32 master weights and optimizer states, harness's own (no autocast: none of its casts)
     "master": ["train.bf16_mode=master_weights"],
     "master_cudagraphs": ["train.bf16_mode=master_weights", "train.compile=true", "train.compile_mode=reduce-overhead"],
+    "master_cudagraphs_layers": ["train.bf16_mode=master_weights", "train.compile=true", "train.compile_mode=reduce-overhead",
+                                 "train.compile_scope=layers"],
     # the same through DeepSpeed's bf16 optimizer: the shipped ZeRO-1 config, one process
     "zero1": [],
 }

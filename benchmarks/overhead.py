@@ -15,7 +15,9 @@ not: attention's length-squared work then dominates on 2 cores, 0.6 s a step).
             zero_grad): the floor for an eager model;
 - harness:  `harness train` as shipped (eager), the same batches, schedule and optimizer;
 - compile:  `harness train train.compile=true` (inductor);
-- cudagraphs: `train.compile=true train.compile_mode=reduce-overhead` (CUDA only).
+- compile_layers: `train.compile=true train.compile_scope=layers` (each encoder layer, one shared graph);
+- cudagraphs: `train.compile=true train.compile_mode=reduce-overhead` (CUDA only); cudagraphs_layers: the same
+            with `train.compile_scope=layers`.
 
 Each system runs in its own process; the table gives the median milliseconds per optimizer step over the
 logged windows after --warmup steps, and the time of the first --warmup steps apart (compilation, plans).
@@ -37,7 +39,9 @@ SYSTEMS = {
     "bare": None,
     "harness": [],
     "compile": ["train.compile=true"],
+    "compile_layers": ["train.compile=true", "train.compile_scope=layers"],
     "cudagraphs": ["train.compile=true", "train.compile_mode=reduce-overhead"],
+    "cudagraphs_layers": ["train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_scope=layers"],
 }
 # bert-base's graph with almost no arithmetic: same depth, heads and modules, hidden 96 (head size 8)
 NARROW_BERT = dict(hidden_size=96, num_attention_heads=12, intermediate_size=384)
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
                   f"--seed={args.seed}", f"--max-length={args.max_length}"]
     results = []
     for system in systems:
-        if system == "cudagraphs" and not torch.cuda.is_available():
+        if system.startswith("cudagraphs") and not torch.cuda.is_available():
             print("cudagraphs: skipped (no CUDA device)", flush=True)
             continue
         try:

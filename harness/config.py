@@ -33,8 +33,9 @@ class ModelConfig:
     attention_mask: str = "auto"
     """`4d`: harness hands SDPA a ready (batch, 1, 1, length) mask, so the model never inspects the padding
     on the host (transformers' `mask.all()` check is a GPU synchronisation in every forward); `2d`: the
-    plain padding mask, as transformers expects by default; `auto`: 4d on GPUs, 2d on CPUs (where there is
-    no sync to save and the 2D path measured 3% faster)."""
+    plain padding mask, as transformers expects by default; `auto`: 4d on GPUs and with
+    train.compile_scope=layers, else 2d on CPUs (where there is no sync to save and the 2D path measured 3%
+    faster)."""
     trust_remote_code: bool = False
 
 
@@ -108,6 +109,9 @@ class TrainConfig:
     eager model's), as one graph whose batch size and padded length are symbolic (one compilation for every
     shape; `reduce-overhead` records a CUDA graph per shape); evaluation runs it eagerly. With data.pad_multiple=auto, batches are then padded to
     multiples of 64 on any device, so few shapes are compiled."""
+    compile_scope: str = "model"
+    """What train.compile compiles: `model` (one graph for the whole forward) or `layers` (each layer of the
+    repeated stack in place, all sharing one graph: a fraction of the compile time; the rest runs eagerly)."""
     compile_mode: str = "default"
     """torch.compile mode with train.compile: `default`, `reduce-overhead` (CUDA graphs, one per padded length:
     fewer kernel-launch gaps at small batches), `max-autotune`, `max-autotune-no-cudagraphs`."""
@@ -289,6 +293,7 @@ def validate(cfg: Config) -> None:
     need(d.pad_multiple == "auto" or (isinstance(d.pad_multiple, int) and d.pad_multiple >= 1),
          f"data.pad_multiple must be 'auto' or a positive number of tokens, got {d.pad_multiple!r}")
     need(t.bf16_mode in ("autocast", "master_weights"), f"train.bf16_mode must be autocast or master_weights, got {t.bf16_mode!r}")
+    need(t.compile_scope in ("model", "layers"), f"train.compile_scope must be model or layers, got {t.compile_scope!r}")
     need(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
          f"train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {t.compile_mode!r}")
     need(m.attention_mask in ("auto", "4d", "2d"), f"model.attention_mask must be auto, 4d or 2d, got {m.attention_mask!r}")

@@ -64,6 +64,29 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None):
     return model
 
 
+def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of identical layers (BERT's `encoder.layer`): the largest ModuleList of one class."""
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1]
+    return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+
+def compile_model(model: nn.Module, mode: str, scope: str) -> str:
+    """torch.compile in place, so that parameter names, checkpoints and exports stay those of the eager model.
+
+    `model`: one graph for the whole forward. `layers`: each layer of the repeated stack is compiled in place and,
+    its parameters being graph inputs, all of them share one graph: the compilation costs one layer's, not the
+    model's; embeddings, pooler, classifier and loss stay eager (a few dozen operators). Both are dynamic: batch
+    size and padded length are symbolic from the first compilation (torch's default specialises the first graph to
+    the first shape and compiles a second, dynamic one at the next length). Returns what was compiled, in words."""
+    blocks = repeated_blocks(model) if scope == "layers" else None
+    if blocks is None:
+        model.compile(mode=mode, dynamic=True)
+        return "the whole model"
+    for block in blocks:
+        block.compile(mode=mode, dynamic=True)
+    return f"each of its {len(blocks)} {type(blocks[0]).__name__}s"
+
+
 def load_trained(model_dir: str | Path):
     """A finished model folder (ours or any HF one) for evaluation or prediction."""
     model_dir = Path(model_dir)
@@ -77,16 +100,19 @@ def load_trained(model_dir: str | Path):
     return model, tokenizer
 
 
-def attention_mask_for(mask: torch.Tensor, attn_implementation: str, mask_format: str = "4d") -> torch.Tensor:
+def attention_mask_for(mask: torch.Tensor, attn_implementation: str, mask_format: str = "4d",
+                       layers_compiled: bool = False) -> torch.Tensor:
     """The padding mask as the model's SDPA attention will use it, built on the device without a host sync.
 
     Given a (batch, length) mask, transformers checks `mask.all()` on the host in every SDPA forward (to
     drop the mask when nothing is padded): a GPU synchronisation per step. A 4D boolean mask (True =
-    attend) is used as it is. Eager attention keeps the 2D mask (it has no such check). `auto` (the
-    model.attention_mask default): 4d on GPUs, 2d on CPUs, where there is no sync to save.
+    attend) is used as it is. Eager attention keeps the 2D mask (it wants an additive float mask of the
+    compute dtype; its check remains). `auto` (the model.attention_mask default): 4d on GPUs, 2d on CPUs,
+    where there is no sync to save, unless the layers are compiled apart (`layers_compiled`): a batch without
+    padding would then give them no mask, and compile a second graph.
     """
     if mask_format == "auto":
-        mask_format = "4d" if mask.device.type == "cuda" else "2d"
+        mask_format = "4d" if mask.device.type == "cuda" or layers_compiled else "2d"
     if mask_format == "2d" or attn_implementation != "sdpa":
         return mask
     return mask[:, None, None, :].bool()
@@ -113,7 +139,8 @@ class MasterWeights:
     their gradients in every step.
 
     `optimizer` was built on the model's fp32 parameters, on the training device (Accelerate's `prepare` moves
-    the model, which no longer holds them): they become the master weights, and the model is given bf16 copies. Hooks on the optimizer do the rest, so the loop and Accelerate see a plain optimizer:
+    the model, which no longer holds them): they become the master weights, and the model is given bf16 copies.
+    Hooks on the optimizer do the rest, so the loop and Accelerate see a plain optimizer:
     before each step the bf16 gradients (already all-reduced by DDP, and clipped) are copied into fp32; after
     it the masters are copied back into the bf16 weights. The optimizer's state_dict carries the masters, so a
     checkpoint resumes exactly; `state_dict()` gives the fp32 weights for exports.

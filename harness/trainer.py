@@ -26,8 +26,8 @@ from harness.distributed import (StallWatchdog, StopFlag, bf16_master_weights, b
                                  collective_timeout, configure_deepspeed, configure_fsdp, record_deepspeed_config, sharding)
 from harness.errors import BadInput, TrainingDiverged, WriteFailed, first_line
 from harness.evaluation import evaluate
-from harness.modeling import (MasterWeights, attention_mask_for, build_optimizer, flops_per_token, linear_schedule, load_model,
-                              load_tokenizer, peak_flops)
+from harness.modeling import (MasterWeights, attention_mask_for, build_optimizer, compile_model, flops_per_token, linear_schedule,
+                              load_model, load_tokenizer, peak_flops)
 from harness.run_folder import RunFolder, hold_run_folder
 from harness.schedule import Schedule
 from harness.tracking import DtypeProbe, MetricsLog, NonFiniteGuard, SyncWatch, Throughput, compile_report, trackers
@@ -88,10 +88,9 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     optimizer = build_optimizer(model, t.lr, t.weight_decay, fused=accelerator.state.deepspeed_plugin is None)
     # train.bf16_mode=master_weights: the model gets bf16 copies, the optimizer steps the fp32 originals
     masters = MasterWeights(model, optimizer) if master_weights else None
-    if t.compile:  # in place: parameter names, checkpoints and exports stay those of the eager model
-        # dynamic: one graph for every batch size and padded length. torch's default specialises the first graph to the
-        # first batch's shape and compiles a second, dynamic one at the next length: two compilations for the same end
-        model.compile(mode=t.compile_mode, dynamic=True)
+    layers_compiled = t.compile and t.compile_scope == "layers"
+    if t.compile:
+        say(f"torch.compile ({t.compile_mode}): {compile_model(model, t.compile_mode, t.compile_scope)}")
     scheduler = linear_schedule(optimizer, schedule.warmup, total_steps)
     configure_deepspeed(accelerator, t)
     configure_fsdp(accelerator, model)
@@ -175,7 +174,8 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
                 meter.count(batch)  # on the host, before the copy: logging needs no device synchronisation
                 with watch:
                     batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-                    batch["attention_mask"] = attention_mask_for(batch["attention_mask"], attn, cfg.model.attention_mask)
+                    batch["attention_mask"] = attention_mask_for(batch["attention_mask"], attn, cfg.model.attention_mask,
+                                                                 layers_compiled)
                     with accelerator.accumulate(model):
                         labels = batch.pop("labels")
                         logits = model(**batch).logits

@@ -11,19 +11,22 @@ from safetensors import safe_open
 from tests.helpers import harness, losses, ok, write_config
 
 
-@pytest.fixture(scope="module")
-def one_layer(tmp_path_factory, tiny_model):
-    """The tiny model with one layer (half the graph to compile) and without dropout (inductor draws its own random
-    numbers, so dropout masks would differ from the eager run's)."""
+def dropout_free(tiny_model, model_dir, layers: int):
+    """The tiny model without dropout (inductor draws its own random numbers, so dropout masks would differ from the
+    eager run's), with `layers` layers."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    model_dir = tmp_path_factory.mktemp("one-layer")
     config = AutoConfig.from_pretrained(tiny_model)
-    config.num_hidden_layers, config.hidden_dropout_prob, config.attention_probs_dropout_prob = 1, 0.0, 0.0
+    config.num_hidden_layers, config.hidden_dropout_prob, config.attention_probs_dropout_prob = layers, 0.0, 0.0
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(model_dir)
     return model_dir
+
+
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory, tiny_model):
+    return dropout_free(tiny_model, tmp_path_factory.mktemp("one-layer"), 1)  # half the graph to compile
 
 
 def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads(tmp_path, one_layer):
@@ -61,3 +64,31 @@ def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads
     results = [json.loads((tmp_path / run / "final" / "eval_results.json").read_text()) for run in ("eager", "compiled")]
     assert results[1]["num_examples"] == 41
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], abs=1e-4)
+
+
+def test_compiling_the_layers_compiles_one_graph_for_all_of_them_and_trains_like_the_eager_model(tmp_path, tiny_model):
+    """train.compile_scope=layers: each encoder layer compiled in place; the layers share one graph (their parameters
+    are its inputs), the embeddings and the head run eagerly. Batches with and without padding must not compile a
+    second graph (without padding transformers would hand the layers no mask at all)."""
+    model_dir = dropout_free(tiny_model, tmp_path / "two-layers", 2)
+    # max_length 16 truncates most synthetic reviews: some batches have no padding, others do
+    recipe = dict(data={"train_samples": 32, "max_length": 16}, train={"max_steps": 8, "lr": 3e-3})
+    eager_cfg = write_config(tmp_path / "eager.yaml", model_dir, tmp_path / "eager", **recipe)
+    layers_cfg = write_config(tmp_path / "layers.yaml", model_dir, tmp_path / "layers", **recipe)
+    ok(harness("train", "--config", str(eager_cfg), "data.pad_multiple=8"))
+    run = ok(harness("train", "--config", str(layers_cfg), "data.pad_multiple=8", "train.compile=true",
+                     "train.compile_scope=layers", timeout=600))
+    assert "torch.compile (default): each of its 2 BertLayers" in run.stdout
+    assert "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in run.stdout
+    rows = [r for r in map(json.loads, (tmp_path / "layers" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+    padding = [r["train/padding_fraction"] for r in rows]
+    assert min(padding) == 0 < max(padding), padding
+
+    eager, layers = losses(tmp_path / "eager"), losses(tmp_path / "layers")
+    assert list(layers) == list(range(1, 9))
+    assert layers == pytest.approx(eager, abs=1e-4)
+    with safe_open(str(tmp_path / "layers" / "final" / "model.safetensors"), "pt") as f, \
+            safe_open(str(tmp_path / "eager" / "final" / "model.safetensors"), "pt") as g:
+        assert set(f.keys()) == set(g.keys()), "the export carries the model's own parameter names"
+        for name in g.keys():
+            assert torch.allclose(f.get_tensor(name), g.get_tensor(name), atol=1e-4), name

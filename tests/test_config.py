@@ -71,6 +71,7 @@ def test_defaults_without_a_file_and_int_to_float():
         (["data.truncation=middle"], "data.truncation must be head or head_tail"),
         (["train.compile=yes please"], "train.compile: expected true or false"),
         (["train.peak_flops=-1"], "train.peak_flops must be positive"),
+        (["train.compile_scope=blocks"], "train.compile_scope must be model or layers"),
         (["train.warmup_steps=2.5"], "train.warmup_steps must be a whole number"),
         (["lr=1"], "must be section.key"),
         (["train.lr"], "must look like section.key=value"),

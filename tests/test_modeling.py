@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from harness.modeling import build_optimizer, linear_schedule, resolve_model_path
+from harness.modeling import build_optimizer, compile_model, linear_schedule, repeated_blocks, resolve_model_path
 from harness.errors import BadInput
 from tests.helpers import harness, ok, write_config
 
@@ -111,3 +111,20 @@ def test_padding_multiple_bounds_the_shapes_on_gpus_and_stays_small_on_cpus():
     # never past max_length: a multiple of 64 above it is pad tokens only, and can exceed the position embeddings
     widths = {Collator(0, 64, max_length=100)([{"input_ids": [1] * n, "labels": 0}])["input_ids"].shape[1] for n in range(1, 101)}
     assert widths == {64, 100}
+
+
+def test_compile_scope_layers_compiles_the_stack_of_layers_in_place_or_else_the_whole_model(tiny_model):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model)
+    assert repeated_blocks(model) is model.bert.encoder.layer
+    assert compile_model(model, "default", "layers") == "each of its 2 BertLayers"  # lazy: nothing compiles before a call
+    assert all(layer._compiled_call_impl is not None for layer in model.bert.encoder.layer)
+    assert model._compiled_call_impl is None and model.bert.embeddings._compiled_call_impl is None
+    assert all(name.startswith(("bert.", "classifier.")) for name, _ in model.named_parameters())  # names unchanged
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.num_hidden_layers = 1
+    single = AutoModelForSequenceClassification.from_config(config)
+    assert repeated_blocks(single) is None  # one layer is no stack to share a graph: the whole model is compiled
+    assert compile_model(single, "default", "layers") == "the whole model" and single._compiled_call_impl is not None
