@@ -66,6 +66,9 @@ VARIANTS = {
     "master_cudagraphs": ["train.bf16_mode=master_weights", "train.compile=true", "train.compile_mode=reduce-overhead"],
     "master_cudagraphs_layers": ["train.bf16_mode=master_weights", "train.compile=true", "train.compile_mode=reduce-overhead",
                                  "train.compile_scope=layers"],
+    # real tokens only: packed, attention per example through nested jagged tensors (FlashAttention varlen, no mask)
+    "unpadded": ["model.unpadded=true"],
+    "master_unpadded": ["train.bf16_mode=master_weights", "model.unpadded=true"],
     # the same through DeepSpeed's bf16 optimizer: the shipped ZeRO-1 config, one process
     "zero1": [],
 }

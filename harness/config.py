@@ -36,6 +36,10 @@ class ModelConfig:
     plain padding mask, as transformers expects by default; `auto`: 4d on GPUs and with
     train.compile_scope=layers, else 2d on CPUs (where there is no sync to save and the 2D path measured 3%
     faster)."""
+    unpadded: bool = False
+    """Compute on real tokens only: each batch's examples are packed into one row on the device, attention runs
+    per example through nested jagged tensors (FlashAttention's variable-length kernel on GPUs, no mask), and
+    no pad token is computed in any layer. BERT-architecture models; not with train.compile."""
     trust_remote_code: bool = False
 
 
@@ -297,6 +301,7 @@ def validate(cfg: Config) -> None:
     need(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
          f"train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {t.compile_mode!r}")
     need(m.attention_mask in ("auto", "4d", "2d"), f"model.attention_mask must be auto, 4d or 2d, got {m.attention_mask!r}")
+    need(not (m.unpadded and t.compile), "model.unpadded does not combine with train.compile (nested tensors are not compiled)")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")

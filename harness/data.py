@@ -273,13 +273,19 @@ def pad_multiple(configured, compiled: bool, on_gpu: bool) -> int:
 class Collator:
     """Pads each batch to its own longest example, rounded up to a multiple of `multiple` (8 or 64), and never
     past `max_length` (a multiple of 64 above it would compute on pad tokens only, and can exceed the model's
-    position embeddings)."""
+    position embeddings).
 
-    def __init__(self, pad_token_id: int, multiple: int = 8, extras: tuple[str, ...] = (), max_length: Optional[int] = None):
+    `unpadded` (model.unpadded): padded to the longest example exactly, and the batch also carries where its real
+    tokens are: `token_index`, their positions in the flattened (examples x width) batch, and `offsets`, the
+    cumulative lengths (examples + 1), from which the model packs the real tokens on the device."""
+
+    def __init__(self, pad_token_id: int, multiple: int = 8, extras: tuple[str, ...] = (), max_length: Optional[int] = None,
+                 unpadded: bool = False):
         self.pad_token_id = pad_token_id
-        self.multiple = multiple
+        self.multiple = 1 if unpadded else multiple
         self.max_length = max_length
         self.extras = extras  # per-example integer columns passed through as tensors (row, length, ...)
+        self.unpadded = unpadded
 
     def __call__(self, examples: list[dict]) -> dict:
         longest = max(len(e["input_ids"]) for e in examples)
@@ -301,6 +307,9 @@ class Collator:
             batch["token_type_ids"] = segments
         for key in self.extras:
             batch[key] = torch.as_tensor([int(e[key]) for e in examples], dtype=torch.long)
+        if self.unpadded:
+            batch["token_index"] = mask.flatten().nonzero().flatten()
+            batch["offsets"] = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0))
         return batch
 
 
@@ -384,7 +393,8 @@ def training_data(cfg, tokenizer, accelerator):
         eval_ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, t.seed, m.label_names, m.num_labels)
     # Each new padded length costs attention plans and compiled graphs on GPUs: few lengths there.
     multiple = pad_multiple(d.pad_multiple, t.compile, accelerator.device.type == "cuda")
-    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, multiple, max_length=d.max_length)
+    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, multiple, max_length=d.max_length,
+                       unpadded=m.unpadded)
     sampler = StepBatchSampler(train_ds["length"], t.per_device_batch_size, t.grad_accum_steps,
                                accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length)
     # Not passed to prepare(): the sampler already gives each rank its own batches. The loaders get their

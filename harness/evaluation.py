@@ -29,7 +29,8 @@ def evaluate(model, dataloader: DataLoader, accelerator, num_labels: int, on_bat
     preds, labels, losses, extra = [], [], [], {k: [] for k in ("probs", *DETAILS)}
     for batch in dataloader:
         on_batch()
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        # token_index and offsets: a model.unpadded model packs the real tokens (its loader's batches carry them)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "token_index", "offsets") if k in batch}
         logits = model(**inputs).logits.float()
         loss = F.cross_entropy(logits, batch["labels"], reduction="none")
         p, y, l = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))

@@ -87,8 +87,9 @@ class Throughput:
 
     def count(self, batch: dict) -> None:
         self.samples += batch["labels"].numel()
-        self.real_tokens += int(batch["attention_mask"].sum())
-        self.padded_tokens += batch["attention_mask"].numel()
+        real = int(batch["attention_mask"].sum())
+        self.real_tokens += real
+        self.padded_tokens += real if "offsets" in batch else batch["attention_mask"].numel()  # model.unpadded: no padding computed
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss.detach()

@@ -27,7 +27,7 @@ from harness.distributed import (StallWatchdog, StopFlag, bf16_master_weights, b
 from harness.errors import BadInput, TrainingDiverged, WriteFailed, first_line
 from harness.evaluation import evaluate
 from harness.modeling import (MasterWeights, attention_mask_for, build_optimizer, compile_model, flops_per_token, linear_schedule,
-                              load_model, load_tokenizer, peak_flops)
+                              load_model, load_tokenizer, make_unpadded, peak_flops)
 from harness.run_folder import RunFolder, hold_run_folder
 from harness.schedule import Schedule
 from harness.tracking import DtypeProbe, MetricsLog, NonFiniteGuard, SyncWatch, Throughput, compile_report, trackers
@@ -79,6 +79,8 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     total_steps = schedule.total_steps
 
     model = load_model(cfg.model)
+    if cfg.model.unpadded:
+        make_unpadded(model)  # before any wrapper: Accelerate's autocast wraps this forward
     model_flops = flops_per_token(model)  # read off the bare model, before any wrapper
     attn = model.config._attn_implementation  # what was loaded (sdpa falls back to eager where unsupported)
     probe = DtypeProbe(model, compiled=t.compile)

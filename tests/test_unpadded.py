@@ -1,0 +1,104 @@
+"""model.unpadded: the classifier computes on the real tokens only (packed, attention per example). Its outputs
+and gradients must be those of the padded model, and a run must train like a padded one."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from harness.config import ModelConfig
+from harness.data import Collator
+from harness.errors import BadInput
+from harness.modeling import load_model, make_unpadded
+from tests.helpers import harness, losses, ok, write_config
+from tests.test_compile import dropout_free
+
+
+def batch_of(lengths, pairs=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for i, n in enumerate(lengths):
+        ids = [101, *torch.randint(1000, 20000, (n - 2,), generator=g).tolist(), 102]
+        e = {"input_ids": ids, "labels": i % 2}
+        if pairs:  # the second segment is the last third
+            e["token_type_ids"] = [0] * (n - n // 3) + [1] * (n // 3)
+        examples.append(e)
+    return Collator(0, 8)(examples), Collator(0, 8, unpadded=True)(examples)
+
+
+def test_the_collator_says_where_the_real_tokens_are():
+    padded, packed = batch_of([5, 9, 3])
+    assert padded["input_ids"].shape == (3, 16) and packed["input_ids"].shape == (3, 9)  # the longest, exactly
+    assert packed["offsets"].tolist() == [0, 5, 14, 17]
+    assert packed["token_index"].tolist() == [*range(0, 5), *range(9, 18), *range(18, 21)]
+    flat = packed["input_ids"].flatten()[packed["token_index"]]
+    assert flat.tolist() == [t for row, n in zip(padded["input_ids"].tolist(), [5, 9, 3]) for t in row[:n]]
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
+def test_packed_outputs_and_gradients_match_the_padded_model(tiny_model, pairs):
+    """fp32: the same logits and gradients as the padded SDPA model; bf16 autocast: within bf16's tolerance of the
+    padded model with eager attention (the reference the issue names)."""
+    cfg = ModelConfig(name_or_path=str(tiny_model), num_labels=2)
+    padded_model, eager = load_model(cfg), load_model(dataclasses.replace(cfg, attn_implementation="eager"))
+    packed_model = load_model(cfg)
+    make_unpadded(packed_model)
+    padded, packed = batch_of([17, 40, 3, 25, 9], pairs=pairs)
+    inputs = {k: padded[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in padded}
+    packed_inputs = {k: v for k, v in packed.items() if k != "labels"}
+    for m in (padded_model, eager, packed_model):
+        m.eval()  # no dropout: the packed layout draws other random numbers
+        m.zero_grad()
+
+    a, b = padded_model(**inputs).logits, packed_model(**packed_inputs).logits
+    assert torch.allclose(a, b, atol=1e-5), (a, b)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, p), q in zip(padded_model.named_parameters(), packed_model.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = eager(**inputs).logits.float(), packed_model(**packed_inputs).logits.float()
+    assert out.dtype == torch.float32 and torch.allclose(ref, out, atol=2e-2), (ref, out)
+    assert not torch.equal(ref, a)  # the bf16 comparison really ran in bf16
+
+
+def test_only_bert_architectures_are_packed(tiny_model):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
+    with pytest.raises(BadInput, match="model.unpadded supports BERT-architecture classifiers .* not distilbert"):
+        make_unpadded(model)
+
+
+def test_an_unpadded_run_on_two_ranks_trains_like_the_padded_one_and_exports_a_plain_model(tmp_path, tiny_model):
+    """2 gloo ranks (DDP through the patched forward), dropout-free so both layouts draw no random numbers: the
+    same losses step by step, the same evaluation, no padding computed, and an export that any transformers loads."""
+    model_dir = dropout_free(tiny_model, tmp_path / "model", 2)
+    recipe = dict(data={"train_samples": 48}, train={"max_steps": 6, "lr": 3e-3, "eval_every": 100})
+    runs = {}
+    for name, extra in (("padded", []), ("unpadded", ["model.unpadded=true"])):
+        cfg = write_config(tmp_path / f"{name}.yaml", model_dir, tmp_path / name, **recipe)
+        runs[name] = ok(harness("train", "--config", str(cfg), *extra, procs=2))
+        assert "2 process(es)" in runs[name].stdout
+    assert losses(tmp_path / "unpadded") == pytest.approx(losses(tmp_path / "padded"), abs=1e-5)
+    rows = [json.loads(r) for r in (tmp_path / "unpadded" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/padding_fraction"] for r in rows if "train/loss" in r] == [0.0] * 6
+    assert max(r["train/padding_fraction"] for r in map(json.loads, (tmp_path / "padded" / "metrics.jsonl").read_text()
+                                                           .splitlines()) if "train/loss" in r) > 0
+    results = {name: json.loads((tmp_path / name / "final" / "eval_results.json").read_text()) for name in runs}
+    assert results["unpadded"]["num_examples"] == 41
+    assert results["unpadded"]["loss"] == pytest.approx(results["padded"]["loss"], abs=1e-5)
+    config = json.loads((tmp_path / "unpadded" / "final" / "config.json").read_text())
+    assert "harness_unpadded" not in json.dumps(config)  # the export is a plain BERT classifier
+    again = json.loads(ok(harness("evaluate", "--model", str(tmp_path / "unpadded" / "final"), "--config",
+                                  str(tmp_path / "unpadded.yaml"))).stdout.strip().splitlines()[-1])
+    assert again["loss"] == pytest.approx(results["unpadded"]["loss"], abs=1e-5)  # scored padded, by a fresh process
+
+
+def test_unpadded_refuses_train_compile(tmp_path, tiny_model):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run")
+    r = harness("train", "--config", str(cfg), "model.unpadded=true", "train.compile=true")
+    assert r.returncode == 2 and "model.unpadded does not combine with train.compile" in r.stderr
+    assert "Traceback" not in r.stderr
