@@ -124,25 +124,34 @@ UNPADDED = "harness_unpadded"  # the attention implementation of model.unpadded,
 
 def unpadded_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
                        offsets=None, max_seqlen=None, **kwargs):
+    """transformers' attention interface for model.unpadded (the mask is None: offsets say where examples are)."""
+    out = packed_attention(query, key, value, offsets, max_seqlen, dropout, scaling, jagged=query.device.type == "cuda")
+    return out, None
+
+
+def packed_attention(query, key, value, offsets, max_seqlen: int, dropout: float = 0.0, scale=None, jagged: bool = True):
     """Attention over packed examples: query, key and value are (1, heads, tokens, head size), the real tokens of
-    the batch's examples one after the other; `offsets` (examples + 1) says where each example starts. Seen as
-    nested jagged tensors, SDPA attends within each example only, without a mask: FlashAttention's variable-length
-    kernel on GPUs (attention dropout included), the math kernel on CPUs. `max_seqlen` (the longest example) and a
-    lower bound of 1 token are given so that torch never reads the lengths back from the device (a host sync)."""
-    if query.device.type != "cuda":  # torch's CPU kernel for nested tensors is the math one: 2-3.5x slower than a loop
+    the batch's examples one after the other; `offsets` (examples + 1) says where each example starts. Returns
+    (1, tokens, heads, head size), as transformers' attention functions do. Each example attends to itself only,
+    without a mask:
+    - `jagged` (GPUs): SDPA on nested jagged tensors, FlashAttention's variable-length kernel (attention dropout
+      included). `max_seqlen` (the longest example) and a lower bound of 1 token are given, so that torch never
+      reads the lengths back from the device (a host sync);
+    - else (CPUs, where torch's nested kernel is the math one, 2-3.5x slower): one SDPA call per example."""
+    if not jagged:
         bounds = offsets.tolist()  # on the host already
         out = torch.cat([nn.functional.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scaling)
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scale)
             for a, b in zip(bounds, bounds[1:])], dim=2)
-        return out.transpose(1, 2), None
+        return out.transpose(1, 2)
 
-    def jagged(x):  # (1, heads, tokens, head size) -> (examples, heads, ragged length, head size)
-        values = x[0].transpose(0, 1)
+    def nested(x):  # (1, heads, tokens, head size) -> (examples, heads, ragged length, head size)
+        values = x[0].transpose(0, 1).contiguous()  # a no-op for transformers' layers: a view of a Linear's output
         return torch.nested.nested_tensor_from_jagged(values, offsets, min_seqlen=1, max_seqlen=max_seqlen).transpose(1, 2)
 
-    out = nn.functional.scaled_dot_product_attention(jagged(query), jagged(key), jagged(value), dropout_p=dropout,
-                                                     scale=scaling)
-    return out.transpose(1, 2).values()[None], None  # (1, tokens, heads, head size), as transformers expects
+    out = nn.functional.scaled_dot_product_attention(nested(query), nested(key), nested(value), dropout_p=dropout,
+                                                     scale=scale)
+    return out.transpose(1, 2).values()[None]
 
 
 def make_unpadded(model: nn.Module) -> None:

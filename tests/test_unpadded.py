@@ -36,10 +36,17 @@ def test_the_collator_says_where_the_real_tokens_are():
     assert flat.tolist() == [t for row, n in zip(padded["input_ids"].tolist(), [5, 9, 3]) for t in row[:n]]
 
 
+@pytest.mark.parametrize("jagged", [False, True], ids=["cpu-kernel", "gpu-kernel"])
 @pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
-def test_packed_outputs_and_gradients_match_the_padded_model(tiny_model, pairs):
+def test_packed_outputs_and_gradients_match_the_padded_model(tiny_model, pairs, jagged, monkeypatch):
     """fp32: the same logits and gradients as the padded SDPA model; bf16 autocast: within bf16's tolerance of the
-    padded model with eager attention (the reference the issue names)."""
+    padded model with eager attention (the reference the issue names). `gpu-kernel`: the nested jagged attention
+    that GPUs run, forced here on the CPU."""
+    if jagged:
+        import harness.modeling as modeling
+
+        kernel = modeling.packed_attention
+        monkeypatch.setattr(modeling, "packed_attention", lambda *a, jagged, **k: kernel(*a, jagged=True, **k))
     cfg = ModelConfig(name_or_path=str(tiny_model), num_labels=2)
     padded_model, eager = load_model(cfg), load_model(dataclasses.replace(cfg, attn_implementation="eager"))
     packed_model = load_model(cfg)
@@ -102,3 +109,42 @@ def test_unpadded_refuses_train_compile(tmp_path, tiny_model):
     r = harness("train", "--config", str(cfg), "model.unpadded=true", "train.compile=true")
     assert r.returncode == 2 and "model.unpadded does not combine with train.compile" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("jagged", [True, False], ids=["nested-jagged (the GPU path)", "loop (the CPU path)"])
+def test_packed_attention_attends_within_each_example_like_masked_sdpa(jagged):
+    """Both kernels of packed_attention, run here on the CPU: the nested jagged one is what GPUs run, so its shapes,
+    offsets and gradients are checked even where no GPU is."""
+    from harness.modeling import packed_attention
+
+    torch.manual_seed(0)
+    lengths, heads, size = [7, 2, 12, 5], 3, 8
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    # as transformers' layers make them: (1, tokens, heads, head size) projections, seen as (1, heads, tokens, size)
+    leaves = [torch.randn(1, sum(lengths), heads, size, requires_grad=True) for _ in range(3)]
+    qkv = [x.transpose(1, 2) for x in leaves]
+    out = packed_attention(*qkv, offsets, max(lengths), jagged=jagged)
+    assert out.shape == (1, sum(lengths), heads, size)
+
+    # the reference: the examples padded to the longest, a padding mask, one SDPA call
+    width = max(lengths)
+    padded = [torch.zeros(len(lengths), heads, width, size) for _ in range(3)]
+    for i, (a, n) in enumerate(zip(offsets.tolist(), lengths)):
+        for p, x in zip(padded, qkv):
+            p[i, :, :n] = x[0, :, a:a + n].detach()
+    for p in padded:
+        p.requires_grad_()
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(*padded, attn_mask=mask[:, None, None, :])
+    for i, (a, n) in enumerate(zip(offsets.tolist(), lengths)):
+        assert torch.allclose(out[0, a:a + n].transpose(0, 1), ref[i, :, :n], atol=1e-5), i
+
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    ref_weights = torch.zeros_like(ref)
+    for i, (a, n) in enumerate(zip(offsets.tolist(), lengths)):
+        ref_weights[i, :, :n] = weights[0, a:a + n].transpose(0, 1)
+    (ref * ref_weights).sum().backward()
+    for x, p in zip(leaves, padded):
+        for i, (a, n) in enumerate(zip(offsets.tolist(), lengths)):
+            assert torch.allclose(x.grad[0, a:a + n].transpose(0, 1), p.grad[i, :, :n], atol=1e-5), i
