@@ -137,13 +137,21 @@ def packed_attention(query, key, value, offsets, max_seqlen: int, dropout: float
     - `jagged` (GPUs): SDPA on nested jagged tensors, FlashAttention's variable-length kernel (attention dropout
       included). `max_seqlen` (the longest example) and a lower bound of 1 token are given, so that torch never
       reads the lengths back from the device (a host sync);
-    - else (CPUs, where torch's nested kernel is the math one, 2-3.5x slower): one SDPA call per example."""
+    - else (CPUs, where torch's nested kernel is the math one, 2-3.5x slower): one SDPA call per run of
+      consecutive examples of the same length (a length-grouped batch truncated at max_length is one call)."""
     if not jagged:
         bounds = offsets.tolist()  # on the host already
-        out = torch.cat([nn.functional.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scale)
-            for a, b in zip(bounds, bounds[1:])], dim=2)
-        return out.transpose(1, 2)
+        runs, outs = [], []  # (first token, examples, length) of each run of equal lengths
+        for a, b in zip(bounds, bounds[1:]):
+            if runs and runs[-1][2] == b - a:
+                runs[-1][1] += 1
+            else:
+                runs.append([a, 1, b - a])
+        for a, k, n in runs:  # (1, heads, k * n, size) -> (k, heads, n, size) -> SDPA -> back
+            q, kk, v = (x[0, :, a:a + k * n].unflatten(1, (k, n)).transpose(0, 1) for x in (query, key, value))
+            out = nn.functional.scaled_dot_product_attention(q, kk, v, dropout_p=dropout, scale=scale)
+            outs.append(out.transpose(0, 1).flatten(1, 2))
+        return torch.cat(outs, dim=1)[None].transpose(1, 2)
 
     def nested(x):  # (1, heads, tokens, head size) -> (examples, heads, ragged length, head size)
         values = x[0].transpose(0, 1).contiguous()  # a no-op for transformers' layers: a view of a Linear's output

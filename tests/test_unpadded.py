@@ -118,7 +118,7 @@ def test_packed_attention_attends_within_each_example_like_masked_sdpa(jagged):
     from harness.modeling import packed_attention
 
     torch.manual_seed(0)
-    lengths, heads, size = [7, 2, 12, 5], 3, 8
+    lengths, heads, size = [7, 2, 12, 12, 12, 5, 5], 3, 8  # runs of equal lengths: one call each on the CPU
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     # as transformers' layers make them: (1, tokens, heads, head size) projections, seen as (1, heads, tokens, size)
     leaves = [torch.randn(1, sum(lengths), heads, size, requires_grad=True) for _ in range(3)]
