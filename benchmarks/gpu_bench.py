@@ -155,6 +155,7 @@ def main() -> int:
                 continue
             results.append(r)
             print("RESULT " + json.dumps(r), flush=True)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
             Path(args.out, "gpu_results.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
     print("\n| batch | variant | ran as | samples/s | real tokens/s | MFU | padding | peak memory (MB) | first steps (s) | wall (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
