@@ -170,15 +170,13 @@ def make_unpadded(model: nn.Module) -> None:
     token. No padding is computed, and no mask: the gathers are on the device, with no host synchronisation.
     The modules and weights are the model's own, so checkpoints and exports are unchanged."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_outputs import SequenceClassifierOutput
 
     if model.config.model_type != "bert" or not hasattr(model, "bert"):
         raise BadInput(f"model.unpadded supports BERT-architecture classifiers (model_type bert), "
                        f"not {model.config.model_type}: set model.unpadded=false")
     AttentionInterface.register(UNPADDED, unpadded_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(UNPADDED, sdpa_mask)  # never used for packed batches; kept for completeness
-    model.config._attn_implementation = UNPADDED
+    model.config._attn_implementation = UNPADDED  # what the layers look up; the forward below builds no mask
 
     def forward(self, input_ids, token_index, offsets, token_type_ids=None, **ignored):
         width = input_ids.shape[1]  # the batch's longest example: the collator pads to it exactly
