@@ -69,6 +69,9 @@ VARIANTS = {
     # real tokens only: packed, attention per example through nested jagged tensors (FlashAttention varlen, no mask)
     "unpadded": ["model.unpadded=true"],
     "master_unpadded": ["train.bf16_mode=master_weights", "model.unpadded=true"],
+    # the three together (the layers compiled around the attention; no CUDA graphs: the packed length varies)
+    "master_unpadded_layers": ["train.bf16_mode=master_weights", "model.unpadded=true", "train.compile=true",
+                               "train.compile_scope=layers"],
     # the same through DeepSpeed's bf16 optimizer: the shipped ZeRO-1 config, one process
     "zero1": [],
 }

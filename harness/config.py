@@ -39,7 +39,8 @@ class ModelConfig:
     unpadded: bool = False
     """Compute on real tokens only: each batch's examples are packed into one row on the device, attention runs
     per example through nested jagged tensors (FlashAttention's variable-length kernel on GPUs, no mask), and
-    no pad token is computed in any layer. BERT-architecture models; not with train.compile."""
+    no pad token is computed in any layer. BERT-architecture models. With train.compile, attention runs eagerly
+    between the compiled parts; not with CUDA graphs (the packed length changes with every batch)."""
     trust_remote_code: bool = False
 
 
@@ -301,7 +302,9 @@ def validate(cfg: Config) -> None:
     need(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
          f"train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {t.compile_mode!r}")
     need(m.attention_mask in ("auto", "4d", "2d"), f"model.attention_mask must be auto, 4d or 2d, got {m.attention_mask!r}")
-    need(not (m.unpadded and t.compile), "model.unpadded does not combine with train.compile (nested tensors are not compiled)")
+    need(not (m.unpadded and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")),
+         f"model.unpadded with train.compile_mode={t.compile_mode}: the packed length changes with every batch, and "
+         f"a CUDA graph would be recorded for each; use compile_mode default or max-autotune-no-cudagraphs")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")

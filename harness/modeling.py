@@ -122,6 +122,7 @@ def attention_mask_for(mask: torch.Tensor, attn_implementation: str, mask_format
 UNPADDED = "harness_unpadded"  # the attention implementation of model.unpadded, registered with transformers
 
 
+@torch.compiler.disable  # a kernel call, nothing to fuse: compiled layers run it eagerly (two graphs around it)
 def unpadded_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
                        offsets=None, max_seqlen=None, **kwargs):
     """transformers' attention interface for model.unpadded (the mask is None: offsets say where examples are)."""
