@@ -40,6 +40,20 @@ def write_config(path: Path, model_path: Path | str, output_dir: Path, **section
     return path
 
 
+def dropout_free(tiny_model, model_dir, layers: int):
+    """The tiny model with `layers` layers and without dropout, saved to `model_dir`: inductor's kernels and packed
+    batches draw other random numbers than the eager, padded run, so only a dropout-free model computes the same."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.num_hidden_layers, config.hidden_dropout_prob, config.attention_probs_dropout_prob = layers, 0.0, 0.0
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(model_dir)
+    return model_dir
+
+
 def losses(out: Path) -> dict[int, float]:
     """{step: train/loss} from a run's metrics.jsonl."""
     rows = (json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines())

@@ -8,20 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.helpers import harness, losses, ok, write_config
-
-
-def dropout_free(tiny_model, model_dir, layers: int):
-    """The tiny model without dropout (inductor draws its own random numbers, so dropout masks would differ from the
-    eager run's), with `layers` layers."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(tiny_model)
-    config.num_hidden_layers, config.hidden_dropout_prob, config.attention_probs_dropout_prob = layers, 0.0, 0.0
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(model_dir)
-    return model_dir
+from tests.helpers import dropout_free, harness, losses, ok, write_config
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ from harness.config import ModelConfig
 from harness.data import Collator
 from harness.errors import BadInput
 from harness.modeling import load_model, make_unpadded
-from tests.helpers import harness, losses, ok, write_config
-from tests.test_compile import dropout_free
+from tests.helpers import dropout_free, harness, losses, ok, write_config
 
 
 def batch_of(lengths, pairs=False, seed=0):
