@@ -113,8 +113,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model for training, in place (its parameter names, checkpoints and exports are the
     eager model's), as one graph whose batch size and padded length are symbolic (one compilation for every
-    shape; `reduce-overhead` records a CUDA graph per shape); evaluation runs it eagerly. With data.pad_multiple=auto, batches are then padded to
-    multiples of 64 on any device, so few shapes are compiled."""
+    shape; `reduce-overhead` records a CUDA graph per shape); evaluation runs it eagerly. With
+    data.pad_multiple=auto, batches are then padded to multiples of 64 on any device, so few shapes are compiled."""
     compile_scope: str = "model"
     """What train.compile compiles: `model` (one graph for the whole forward) or `layers` (each layer of the
     repeated stack in place, all sharing one graph: a fraction of the compile time; the rest runs eagerly)."""

@@ -89,7 +89,8 @@ class Throughput:
         self.samples += batch["labels"].numel()
         real = int(batch["attention_mask"].sum())
         self.real_tokens += real
-        self.padded_tokens += real if "offsets" in batch else batch["attention_mask"].numel()  # model.unpadded: no padding computed
+        # model.unpadded (its batches carry offsets) computes no padding
+        self.padded_tokens += real if "offsets" in batch else batch["attention_mask"].numel()
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss.detach()
