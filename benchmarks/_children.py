@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,21 @@ def run_child(module: str, args: list[str], system: str, launch_config: str | No
     launcher = [] if launch_config is None else [
         "-m", "accelerate.commands.launch", "--config_file", launch_config, "--num_processes", "1"]
     cmd = [sys.executable, *launcher, "-m", module, *args, "--child", system]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=child_env())
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    # HARNESS_BENCH_CHILD_TIMEOUT (seconds): a run that has not finished by then (say, a compilation that takes
+    # minutes) is stopped with its own children, and counts as failed, so that the others' figures still come back
+    timeout = float(os.environ.get("HARNESS_BENCH_CHILD_TIMEOUT") or 0) or None
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        print(stdout[-3000:], stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{system} did not finish in {timeout:.0f} s (HARNESS_BENCH_CHILD_TIMEOUT)") from None
+    line = next((l for l in stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode or line is None:
-        print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+        print(stdout[-3000:], stderr[-5000:], file=sys.stderr)
         raise SystemExit(f"{system} failed (exit {proc.returncode})")
     return json.loads(line[len("RESULT "):])
 

@@ -6,6 +6,11 @@
 #   bash benchmarks/gpu.sh                    # tables on stdout; JSON and logs in $OUT (default .)
 #   STEPS=100 BATCHES=8,128 VARIANTS=v0.1,default,compile bash benchmarks/gpu.sh
 #   VARIANTS=default,master,cudagraphs bash benchmarks/gpu.sh   # master: bf16 weights + fp32 masters, vs autocast (default)
+#   SYSTEMS=seed,trainer,harness,harness_cudagraphs_layers TP_WARMUP=30 bash benchmarks/gpu.sh
+#       # part 1 with a gpu_bench variant too (harness_VARIANT); TP_WARMUP steps of every system untimed (compilation)
+#
+# Each run is a process of its own, stopped after HARNESS_BENCH_CHILD_TIMEOUT seconds (default 240: a compilation
+# that takes longer is reported as failed, and the other rows still come back).
 #
 # Where Python packages cannot be installed, put wheels of the missing ones (e.g. datasets, dill,
 # multiprocess, pyarrow) in .whl/ at the repository root: they are installed into /tmp/site first.
@@ -15,13 +20,14 @@ if compgen -G ".whl/*.whl" > /dev/null && ! python3 -c "import datasets" 2> /dev
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+export HARNESS_BENCH_CHILD_TIMEOUT=${HARNESS_BENCH_CHILD_TIMEOUT:-240}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 OUT=${OUT:-.}
 ASSETS=${ASSETS:-/tmp/harness-gpu-assets}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -m benchmarks.gpu_bench --assets "$ASSETS" --examples "${EXAMPLES:-6000}" --build-only
 python3 -m benchmarks.throughput --model "$ASSETS/bert-base-random" --data "$ASSETS/data" --samples "${SAMPLES:-1024}" \
-    --batch 8 --rounds 1 --systems seed,trainer,harness_v01,harness --json "$OUT/throughput.json" | tee "$OUT/throughput.txt"
+    --batch 8 --rounds 1 --warmup "${TP_WARMUP:-0}" --systems "${SYSTEMS:-seed,trainer,harness_v01,harness}" --json "$OUT/throughput.json" | tee "$OUT/throughput.txt"
 python3 -m benchmarks.gpu_bench --assets "$ASSETS" --steps "${STEPS:-100}" --warmup "${WARMUP:-40}" \
     --batches "${BATCHES:-8,128}" --variants "${VARIANTS:-v0.1,default,compile}" --out "$OUT" | tee "$OUT/gpu_bench.txt"
 echo

@@ -16,8 +16,9 @@ max allocated on a GPU) and each ratio against the seed recipe.
 - harness: `harness train` as shipped (length-grouped batches, dynamic padding to `data.pad_multiple`: 64 on
   GPUs, 8 on CPUs; the 4D SDPA mask; bf16 autocast), logging every 10 steps.
 - harness_v01 (not run by default): the same with harness 0.1's padding to multiples of 8 and 2D mask.
-- harness_master (not run by default): harness with `train.bf16_mode=master_weights` (bf16 weights, fp32 masters).
-- harness_unpadded (not run by default): harness with `model.unpadded=true` (real tokens only, packed).
+- harness_VARIANT (not run by default): harness with the overrides of benchmarks/gpu_bench.py's VARIANT, e.g.
+  harness_master (`train.bf16_mode=master_weights`), harness_unpadded (`model.unpadded=true`),
+  harness_cudagraphs_layers (each encoder layer compiled with CUDA graphs). Compiled ones want --warmup.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 from benchmarks._children import report, run_child
+from benchmarks.gpu_bench import LAUNCH_CONFIGS, VARIANTS as GPU_VARIANTS
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb-sample"
 SYSTEMS = ("seed", "trainer", "harness")
@@ -115,8 +117,8 @@ def run_trainer(args, best: bool) -> dict:
 # How harness 0.1 ran (padding to multiples of 8 everywhere, transformers' own 2D mask handling): the
 # "before" of docs/PERFORMANCE.md, measured in the same call as the current defaults.
 V01 = ["data.pad_multiple=8", "model.attention_mask=2d"]
-VARIANTS = {"harness": [], "harness_v01": V01, "harness_master": ["train.bf16_mode=master_weights"],
-            "harness_unpadded": ["model.unpadded=true"]}
+VARIANTS = {"harness": [], "harness_v01": V01,
+            **{f"harness_{k}": v for k, v in GPU_VARIANTS.items() if k not in LAUNCH_CONFIGS and k not in ("v0.1", "default")}}
 LOG_EVERY = 10  # a log step synchronises with the device: not every step, as in real runs
 
 
@@ -181,17 +183,27 @@ def main(argv=None) -> int:
         return 0
 
     systems = [s for s in args.systems.split(",") if s]
+    unknown = [s for s in systems if s not in (*SYSTEMS, *VARIANTS)]
+    if unknown:
+        raise SystemExit(f"unknown system(s) {', '.join(unknown)}: choose among {', '.join((*SYSTEMS, *VARIANTS))}")
     child_args = [f"--model={args.model}", f"--data={args.data}", f"--samples={args.samples}", f"--steps={args.steps}",
                   f"--warmup={args.warmup}", f"--max-length={args.max_length}", f"--batch={args.batch}", f"--attn={args.attn}"]
     runs: dict[str, list[dict]] = {s: [] for s in systems}
     for rnd in range(args.rounds):
         for system in systems:
             t0 = time.perf_counter()
-            runs[system].append(run_child(__spec__.name, child_args, system))
+            try:
+                runs[system].append(run_child(__spec__.name, child_args, system))
+            except SystemExit as e:  # one system failing (say, a compiled variant) must not lose the others' figures
+                print(f"round {rnd + 1} {system}: {e}", flush=True)
+                continue
             r = runs[system][-1]
             print(f"round {rnd + 1} {system:8s} {r['samples_per_s']:7.2f} samples/s  {r['tokens_per_s']:8.1f} tokens/s  "
                   f"({time.perf_counter() - t0:.0f} s wall)", flush=True)
 
+    systems = [s for s in systems if runs[s]]
+    if not systems:
+        raise SystemExit("every system failed")
     med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in systems}
     base = med.get("seed")
     print(f"\n{args.model}, {args.data}, max_length {args.max_length}, batch {args.batch}, attn {args.attn}, "
@@ -208,12 +220,15 @@ def main(argv=None) -> int:
         for other, name in (("trainer", "best-configured Trainer"), ("harness_v01", "harness 0.1's settings")):
             if other in med:
                 print(f"harness / {name}: {med['harness']['samples_per_s'] / med[other]['samples_per_s']:.2f}x samples/s")
-        for other, name in (("harness_master", "harness with bf16 master weights"), ("harness_unpadded", "harness unpadded")):
-            if other in med:
-                print(f"{name} / harness: {med[other]['samples_per_s'] / med['harness']['samples_per_s']:.2f}x samples/s")
-        # the reference recipe: 25,000 IMDb reviews, 3 epochs, at this rate (one device; evaluation not counted)
-        print(f"reference recipe (25,000 reviews x 3 epochs) at the harness rate: "
-              f"{75_000 / med['harness']['samples_per_s'] / 60:.1f} min of training on this device")
+        for other in (s for s in systems if s.startswith("harness_") and s != "harness_v01"):
+            print(f"{other} / harness: {med[other]['samples_per_s'] / med['harness']['samples_per_s']:.2f}x samples/s")
+            for ref, name in (("seed", "seed"), ("trainer", "best-configured Trainer")):
+                if ref in med:
+                    print(f"{other} / {name}: {med[other]['samples_per_s'] / med[ref]['samples_per_s']:.2f}x samples/s")
+        # the reference recipe: 25,000 IMDb reviews, 3 epochs, at these rates (one device; evaluation not counted)
+        for h in (h for h in systems if h.startswith("harness") and h != "harness_v01"):
+            print(f"reference recipe (25,000 reviews x 3 epochs) at the {h} rate: "
+                  f"{75_000 / med[h]['samples_per_s'] / 60:.1f} min of training on this device")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "median": med}, indent=2))
     return 0
