@@ -64,6 +64,27 @@ def test_master_weights_apply_under_bf16_one_process_or_ddp_only(monkeypatch):
         bf16_master_weights("master_weights")
 
 
+def test_auto_takes_master_weights_on_gpus_with_one_process_or_ddp_only(monkeypatch):
+    """The default, `auto`: master weights where a GPU trains with one process or DDP (measured faster on an
+    H100), autocast on CPUs and where DeepSpeed or FSDP decide precision; never an error."""
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not bf16_master_weights("auto"), "CPUs: autocast"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bf16_master_weights("auto"), "a GPU, one process or DDP: master weights"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # `use_cpu: true` in the launch config, on a GPU machine
+    assert not bf16_master_weights("auto")
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    for engine in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.setenv(engine, "true")
+        assert not bf16_master_weights("auto"), f"{engine}: its own precision settings decide"
+        monkeypatch.delenv(engine)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert not bf16_master_weights("auto"), "fp32 training"
+
+
 def test_a_tied_weight_gets_one_master_and_stays_tied():
     embed, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
     head.weight = embed.weight

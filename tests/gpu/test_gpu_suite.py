@@ -188,12 +188,13 @@ def test_a_training_step_makes_no_host_synchronisation(tmp_path, tiny_bert):
 
 
 @pytest.mark.parametrize("overrides", [["train.bf16_mode=master_weights"],
+                                       ["train.bf16_mode=autocast"],  # the GPU default is master weights (auto)
                                        ["model.unpadded=true"],
                                        ["train.compile=true", "train.compile_mode=reduce-overhead"],
                                        ["train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_scope=layers"],
                                        ["model.unpadded=true", "train.bf16_mode=master_weights", "train.compile=true",
                                         "train.compile_scope=layers"]],
-                         ids=["master_weights", "unpadded", "cudagraphs", "cudagraphs_layers", "unpadded_master_layers"])
+                         ids=["master_weights", "autocast", "unpadded", "cudagraphs", "cudagraphs_layers", "unpadded_master_layers"])
 def test_master_weights_unpadded_and_cuda_graphs_train_on_the_single_gpu_config(tmp_path, tiny_bert, overrides):
     """Issue #9's options on the shipped single-GPU config (bf16): bf16 weights with fp32 masters (no host
     synchronisation added by its optimizer hooks), unpadded (packed) batches through FlashAttention's varlen
