@@ -2,6 +2,7 @@
 and gradients must be those of the padded model, and a run must train like a padded one."""
 
 import dataclasses
+import functools
 import json
 import re
 
@@ -36,17 +37,36 @@ def test_the_collator_says_where_the_real_tokens_are():
     assert flat.tolist() == [t for row, n in zip(padded["input_ids"].tolist(), [5, 9, 3]) for t in row[:n]]
 
 
-@pytest.mark.parametrize("jagged", [False, True], ids=["cpu-kernel", "gpu-kernel"])
-@pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
-def test_packed_outputs_and_gradients_match_the_padded_model(tiny_model, pairs, jagged, monkeypatch):
-    """fp32: the same logits and gradients as the padded SDPA model; bf16 autocast: within bf16's tolerance of the
-    padded model with eager attention (the reference the issue names). `gpu-kernel`: the nested jagged attention
-    that GPUs run, forced here on the CPU."""
-    if jagged:
-        import harness.modeling as modeling
+def flash_stand_in(query, key, value, cu_seqlens, max_seqlen, dropout, scale):
+    """FlashAttention's variable-length kernel exists on CUDA only: on the CPU, this computes what it computes
+    (each example attending to itself), after checking the inputs as its contract wants them (torch's nested SDPA
+    calls it so): contiguous (tokens, heads, head size), int32 cumulative lengths, the longest length as an int."""
+    assert query.dim() == 3 and all(x.is_contiguous() and x.shape == query.shape for x in (query, key, value))
+    bounds = cu_seqlens.tolist()
+    assert cu_seqlens.dtype == torch.int32 and bounds[0] == 0 and bounds[-1] == query.shape[0]
+    assert isinstance(max_seqlen, int) and max_seqlen == max(b - a for a, b in zip(bounds, bounds[1:]))
+    outs = [torch.nn.functional.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (query, key, value)),
+                                                             dropout_p=dropout, scale=scale).transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(outs)
 
-        kernel = modeling.packed_attention
-        monkeypatch.setattr(modeling, "packed_attention", lambda *a, jagged, **k: kernel(*a, jagged=True, **k))
+
+def force_kernel(monkeypatch, kernel):
+    """Run packed_attention's `kernel` on the CPU: `jagged` (nested tensors), or `flash` through flash_stand_in."""
+    import harness.modeling as modeling
+
+    monkeypatch.setattr(modeling, "packed_kernel", lambda query: kernel)
+    if kernel == "flash":
+        monkeypatch.setattr(modeling, "flash_varlen", flash_stand_in)
+
+
+@pytest.mark.parametrize("kernel", ["runs", "jagged", "flash"])
+@pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
+def test_packed_outputs_and_gradients_match_the_padded_model(tiny_model, pairs, kernel, monkeypatch):
+    """fp32: the same logits and gradients as the padded SDPA model; bf16 autocast: within bf16's tolerance of the
+    padded model with eager attention (the reference the issue names). `runs` is the CPU's kernel; `jagged` (nested
+    tensors) and `flash` (the direct call, its kernel stood in for) are the GPU's, forced here on the CPU."""
+    force_kernel(monkeypatch, kernel)
     cfg = ModelConfig(name_or_path=str(tiny_model), num_labels=2)
     padded_model, eager = load_model(cfg), load_model(dataclasses.replace(cfg, attn_implementation="eager"))
     packed_model = load_model(cfg)
@@ -119,11 +139,15 @@ def test_compiled_layers_run_the_packed_attention_eagerly_and_train_like_the_eag
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-4)
 
 
-@pytest.mark.parametrize("jagged", [True, False], ids=["nested-jagged (the GPU path)", "loop (the CPU path)"])
-def test_packed_attention_attends_within_each_example_like_masked_sdpa(jagged):
-    """Both kernels of packed_attention, run here on the CPU: the nested jagged one is what GPUs run, so its shapes,
-    offsets and gradients are checked even where no GPU is."""
-    from harness.modeling import packed_attention
+@pytest.mark.parametrize("kernel", ["runs", "jagged", "flash"])
+def test_packed_attention_attends_within_each_example_like_masked_sdpa(kernel, monkeypatch):
+    """The kernels of packed_attention, run here on the CPU: `jagged` and `flash` are what GPUs run (flash's CUDA
+    kernel stood in for), so their layouts, offsets and gradients are checked even where no GPU is."""
+    import harness.modeling as modeling
+
+    if kernel == "flash":
+        monkeypatch.setattr(modeling, "flash_varlen", flash_stand_in)
+    packed_attention = functools.partial(modeling.packed_attention, kernel=kernel)
 
     torch.manual_seed(0)
     lengths, heads, size = [7, 2, 12, 12, 12, 5, 5], 3, 8  # runs of equal lengths: one call each on the CPU
@@ -131,7 +155,7 @@ def test_packed_attention_attends_within_each_example_like_masked_sdpa(jagged):
     # as transformers' layers make them: (1, tokens, heads, head size) projections, seen as (1, heads, tokens, size)
     leaves = [torch.randn(1, sum(lengths), heads, size, requires_grad=True) for _ in range(3)]
     qkv = [x.transpose(1, 2) for x in leaves]
-    out = packed_attention(*qkv, offsets, max(lengths), jagged=jagged)
+    out = packed_attention(*qkv, offsets, max(lengths))
     assert out.shape == (1, sum(lengths), heads, size)
 
     # the reference: the examples padded to the longest, a padding mask, one SDPA call
@@ -156,3 +180,18 @@ def test_packed_attention_attends_within_each_example_like_masked_sdpa(jagged):
     for x, p in zip(leaves, padded):
         for i, (a, n) in enumerate(zip(offsets.tolist(), lengths)):
             assert torch.allclose(x.grad[0, a:a + n].transpose(0, 1), p.grad[i, :, :n], atol=1e-5), i
+
+
+def test_the_flash_kernel_call_is_one_torch_accepts_forward_and_backward():
+    """The real FlashAttention operator, on meta tensors (no device, no arithmetic): torch's own shape and dtype
+    checks accept harness's call, dropout included, and its autograd formula gives each input a gradient."""
+    from harness.modeling import packed_attention
+
+    tokens, heads, size = 21, 3, 64
+    leaves = [torch.empty(1, tokens, heads, size, device="meta", dtype=torch.bfloat16, requires_grad=True)
+              for _ in range(3)]
+    offsets = torch.empty(4, dtype=torch.int64, device="meta")  # the collator's (3 examples)
+    out = packed_attention(*(x.transpose(1, 2) for x in leaves), offsets, 9, 0.1, None, kernel="flash")
+    assert out.shape == (1, tokens, heads, size) and out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert all(x.grad is not None and x.grad.shape == x.shape for x in leaves)
