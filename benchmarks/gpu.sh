@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One NVIDIA GPU, bert-base at max_length 512, offline, one call (about 6 minutes on an H100, setup included):
+# One NVIDIA GPU, bert-base at max_length 512, offline, one call (about 6 minutes on an H100, setup included, by
+# the time its parts took there; the defaults below have not run as one call yet):
 #   1. seed recipe vs best-configured Trainer vs harness 0.1's settings vs harness, batch 8 (benchmarks/throughput.py);
 #   2. harness variants x per-device batch: samples/s, tokens/s, MFU, compile time apart (benchmarks/gpu_bench.py).
 #
 #   bash benchmarks/gpu.sh                    # tables on stdout; JSON and logs in $OUT (default .)
-#   STEPS=100 BATCHES=8,128 VARIANTS=v0.1,default,compile bash benchmarks/gpu.sh
-#   VARIANTS=default,master,cudagraphs bash benchmarks/gpu.sh   # master: bf16 weights + fp32 masters, vs autocast (default)
+#   STEPS=100 BATCHES=8,128 VARIANTS=v0.1,default,compile_layers bash benchmarks/gpu.sh
+#   VARIANTS=autocast,default,cudagraphs bash benchmarks/gpu.sh  # default on GPUs: bf16 weights + fp32 masters
 #   SYSTEMS=seed,trainer,harness,harness_cudagraphs_layers TP_WARMUP=30 bash benchmarks/gpu.sh
 #       # part 1 with a gpu_bench variant too (harness_VARIANT); TP_WARMUP steps of every system untimed (compilation)
 #
@@ -25,11 +26,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 HF_DATASETS_O
 OUT=${OUT:-.}
 ASSETS=${ASSETS:-/tmp/harness-gpu-assets}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -m benchmarks.gpu_bench --assets "$ASSETS" --examples "${EXAMPLES:-6000}" --build-only
+python3 -m benchmarks.gpu_bench --assets "$ASSETS" --examples "${EXAMPLES:-3000}" --build-only
 python3 -m benchmarks.throughput --model "$ASSETS/bert-base-random" --data "$ASSETS/data" --samples "${SAMPLES:-1024}" \
     --batch 8 --rounds 1 --warmup "${TP_WARMUP:-0}" --systems "${SYSTEMS:-seed,trainer,harness_v01,harness}" --json "$OUT/throughput.json" | tee "$OUT/throughput.txt"
-python3 -m benchmarks.gpu_bench --assets "$ASSETS" --steps "${STEPS:-100}" --warmup "${WARMUP:-40}" \
-    --batches "${BATCHES:-8,128}" --variants "${VARIANTS:-v0.1,default,compile}" --out "$OUT" | tee "$OUT/gpu_bench.txt"
+python3 -m benchmarks.gpu_bench --assets "$ASSETS" --steps "${STEPS:-60}" --warmup "${WARMUP:-30}" \
+    --batches "${BATCHES:-8,128}" --variants "${VARIANTS:-v0.1,autocast,default}" --out "$OUT" | tee "$OUT/gpu_bench.txt"
 echo
 cat "$OUT/throughput.txt" | sed -n '/^| system/,$p'
 sed -n '/^| batch/,$p' "$OUT/gpu_bench.txt"

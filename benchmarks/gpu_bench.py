@@ -50,12 +50,14 @@ def build_assets(root: Path, examples: int, seed: int = 0, model: dict | None = 
     return model_dir, data_dir
 
 
-# What each variant changes from harness's defaults (data.pad_multiple=auto: 64 on GPUs; the 4D SDPA mask).
+# What each variant changes from harness's defaults (data.pad_multiple=auto: 64 on GPUs; the 4D SDPA mask;
+# train.bf16_mode=auto: bf16 weights with fp32 master weights on GPUs).
 VARIANTS = {
-    "v0.1": ["data.pad_multiple=8", "model.attention_mask=2d"],  # how harness 0.1 ran
+    "v0.1": ["data.pad_multiple=8", "model.attention_mask=2d", "train.bf16_mode=autocast"],  # how harness 0.1 ran
     "pad8": ["data.pad_multiple=8"],  # the 4D mask, but up to 64 padded lengths
     "mask2d": ["model.attention_mask=2d"],  # buckets, but transformers' host-side mask check
     "default": [],
+    "autocast": ["train.bf16_mode=autocast"],  # fp32 weights under bf16 autocast (the default until master weights)
     "compile": ["train.compile=true"],
     "cudagraphs": ["train.compile=true", "train.compile_mode=reduce-overhead"],
     # each encoder layer compiled in place, one graph shared by all of them: a fraction of the compile time
@@ -115,7 +117,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=50, help="steps excluded from the medians (compilation, warm-up)")
     p.add_argument("--batches", default="32,8")
-    p.add_argument("--variants", default="v0.1,default,compile", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="v0.1,autocast,default", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--peak-flops", type=float, help="override the card's peak (needed off the known GPUs)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--assets", help="folder for the model and data: built there if absent, else reused")
