@@ -32,5 +32,4 @@ python3 -m benchmarks.throughput --model "$ASSETS/bert-base-random" --data "$ASS
 python3 -m benchmarks.gpu_bench --assets "$ASSETS" --steps "${STEPS:-60}" --warmup "${WARMUP:-30}" \
     --batches "${BATCHES:-8,128}" --variants "${VARIANTS:-v0.1,autocast,default}" --out "$OUT" | tee "$OUT/gpu_bench.txt"
 echo
-cat "$OUT/throughput.txt" | sed -n '/^| system/,$p'
-sed -n '/^| batch/,$p' "$OUT/gpu_bench.txt"
+python3 -m benchmarks.gpu_bench --summary "$OUT" | tee "$OUT/summary.txt"

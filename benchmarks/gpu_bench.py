@@ -111,6 +111,30 @@ def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, vari
     }
 
 
+def summary(throughput: dict | None, bench: dict | None) -> str:
+    """gpu.sh's one table: throughput.py's systems at batch 8 (the seed, the Trainer, harness), then gpu_bench's
+    variants by batch, each with its ratio to the seed and to the Trainer where they ran at the same batch, and the
+    reference recipe's training time (25,000 reviews x 3 epochs) at each batch-8 rate."""
+    rows = []  # (batch, name, samples/s, real tokens/s, MFU or None, padding, peak MB, first steps or None)
+    if throughput:
+        batch = throughput["args"]["batch"]
+        for name, m in throughput["median"].items():
+            rows.append((batch, name, m["samples_per_s"], m["tokens_per_s"], None, m["padding_fraction"],
+                         m["peak_mem_mb"], None))
+    for r in (bench or {}).get("results", []):
+        rows.append((r["batch"], f"harness {r['variant']}", r["samples_per_s"], r["tokens_per_s"], r["mfu"],
+                     r["padding_fraction"], r["peak_mem_mb"], r["first_steps_s"]))
+    refs = {(b, name): v for b, name, v, *_ in rows if name in ("seed", "trainer")}
+    lines = ["| batch | system | samples/s | real tokens/s | MFU | padding | peak memory (MB) | first steps (s) | "
+             "vs seed | vs Trainer | reference recipe (min) |", "| --- " * 11 + "|"]
+    for batch, name, rate, tokens, mfu, padding, mem, first in rows:
+        ratios = [f"{rate / refs[batch, ref]:.2f}x" if (batch, ref) in refs else "-" for ref in ("seed", "trainer")]
+        lines.append(f"| {batch} | {name} | {rate:.1f} | {tokens:.0f} | {'-' if mfu is None else f'{mfu:.1%}'} | "
+                     f"{padding:.1%} | {mem:.0f} | {'-' if first is None else first} | {' | '.join(ratios)} | "
+                     f"{75_000 / rate / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--examples", type=int, default=25000)
@@ -123,7 +147,14 @@ def main() -> int:
     p.add_argument("--assets", help="folder for the model and data: built there if absent, else reused")
     p.add_argument("--build-only", action="store_true", help="build --assets and exit")
     p.add_argument("--child", help=argparse.SUPPRESS)  # BATCH:VARIANT, one run in a fresh process
+    p.add_argument("--summary", metavar="DIR", help="print one table of DIR's throughput.json and gpu_results.json")
     args = p.parse_args()
+    if args.summary:
+        found = {name: json.loads((Path(args.summary) / name).read_text()) if (Path(args.summary) / name).is_file()
+                 else None for name in ("throughput.json", "gpu_results.json")}
+        device = (found["gpu_results.json"] or {}).get("device", "unknown device")
+        print(f"{device}, bert-base, max_length 512\n{summary(found['throughput.json'], found['gpu_results.json'])}")
+        return 0
     os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch

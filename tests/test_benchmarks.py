@@ -11,3 +11,24 @@ def test_child_pythonpath_extends_the_parents_never_replaces_it(monkeypatch):
     assert path == [str(REPO), "/tmp/site", "/opt/other"]
     monkeypatch.delenv("PYTHONPATH")
     assert child_env()["PYTHONPATH"] == str(REPO)
+
+
+def test_gpu_sh_summary_is_one_table_with_ratios_to_the_seed_and_the_trainer_at_the_same_batch():
+    from benchmarks.gpu_bench import summary
+
+    row = dict(tokens_per_s=1000.0, padding_fraction=0.1, peak_mem_mb=3000.0)
+    throughput = {"args": {"batch": 8}, "median": {"seed": {**row, "samples_per_s": 100.0},
+                                                    "trainer": {**row, "samples_per_s": 50.0},
+                                                    "harness": {**row, "samples_per_s": 250.0}}}
+    bench = {"results": [{**row, "batch": 8, "variant": "default", "samples_per_s": 400.0, "mfu": 0.02,
+                          "first_steps_s": 3.5},
+                         {**row, "batch": 128, "variant": "default", "samples_per_s": 1600.0, "mfu": 0.25,
+                          "first_steps_s": 4.0}]}
+    lines = summary(throughput, bench).splitlines()
+    assert len(lines) == 2 + 5 and all(line.count("|") == 12 for line in lines)
+    cells = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[1:-1]]
+             for line in lines[2:]}
+    assert cells["8", "harness"][8:11] == ["2.50x", "5.00x", "5.0"]  # 75,000 reviews at 250/s: 5.0 min
+    assert cells["8", "harness default"][4] == "2.0%" and cells["8", "harness default"][8:10] == ["4.00x", "8.00x"]
+    assert cells["128", "harness default"][8:10] == ["-", "-"]  # no seed or Trainer ran at batch 128
+    assert summary(None, bench).count("\n") == 3  # gpu_bench's rows alone
