@@ -4,7 +4,7 @@
 #   1. seed recipe vs best-configured Trainer vs harness 0.1's settings vs harness, batch 8 (benchmarks/throughput.py);
 #   2. harness variants x per-device batch: samples/s, tokens/s, MFU, compile time apart (benchmarks/gpu_bench.py).
 #
-#   bash benchmarks/gpu.sh                    # tables on stdout; JSON and logs in $OUT (default .)
+#   bash benchmarks/gpu.sh                    # one table at the end (summary.txt); JSON and logs in $OUT (default .)
 #   STEPS=100 BATCHES=8,128 VARIANTS=v0.1,default,compile_layers bash benchmarks/gpu.sh
 #   VARIANTS=autocast,default,cudagraphs bash benchmarks/gpu.sh  # default on GPUs: bf16 weights + fp32 masters
 #   SYSTEMS=seed,trainer,harness,harness_cudagraphs_layers TP_WARMUP=30 bash benchmarks/gpu.sh
