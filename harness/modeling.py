@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 from types import MethodType
@@ -136,9 +137,14 @@ def packed_kernel(query: torch.Tensor) -> str:
     if query.device.type != "cuda":
         return "runs"
     if (query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
-            and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(query.device)[0] >= 8):
+            and torch.backends.cuda.flash_sdp_enabled() and _has_flash_attention(query.device.index)):
         return "flash"
     return "jagged"
+
+
+@functools.lru_cache(maxsize=None)
+def _has_flash_attention(device_index) -> bool:  # asked by every layer of every step: once per device
+    return torch.cuda.get_device_capability(device_index)[0] >= 8
 
 
 def flash_varlen(query, key, value, cu_seqlens, max_seqlen: int, dropout: float, scale):
