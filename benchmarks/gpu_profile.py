@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.gpu_bench import VARIANTS, build_assets
+from benchmarks.gpu_bench import VARIANTS, reuse_or_build_assets
 
 
 def main() -> int:
@@ -35,10 +35,7 @@ def main() -> int:
     from harness.trainer import train
 
     root = Path(args.assets) if args.assets else Path(tempfile.mkdtemp())
-    if (root / "data" / "test.parquet").is_file():
-        model_dir, data_dir = root / "bert-base-random", root / "data"
-    else:
-        model_dir, data_dir = build_assets(root, args.examples)
+    model_dir, data_dir = reuse_or_build_assets(root, args.examples)
     out = Path(tempfile.mkdtemp()) / "run"
     cfg = load_config(None, [
         f"model.name_or_path={model_dir}", "model.num_labels=2", f"data.dataset={data_dir}", "data.max_length=512",

@@ -136,12 +136,11 @@ def main(argv=None) -> int:
     if args.child:
         report(run_bare(args) if args.child == "bare" else run_harness(args, args.child))
         return 0
-    from benchmarks.gpu_bench import build_assets
+    from benchmarks.gpu_bench import reuse_or_build_assets
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     root = Path(args.assets or tempfile.mkdtemp())
-    if not (root / "data" / "test.parquet").is_file():
-        build_assets(root, args.examples, model=NARROW_BERT)
+    reuse_or_build_assets(root, args.examples, model=NARROW_BERT)
     args.assets = str(root)
     systems = args.systems.split(",")
     for s in systems:

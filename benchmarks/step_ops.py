@@ -95,12 +95,11 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from benchmarks.gpu_bench import build_assets
+    from benchmarks.gpu_bench import reuse_or_build_assets
     from benchmarks.overhead import NARROW_BERT
 
     root = Path(args.assets or tempfile.mkdtemp())
-    if not (root / "data" / "test.parquet").is_file():
-        build_assets(root, args.examples, model=NARROW_BERT)
+    reuse_or_build_assets(root, args.examples, model=NARROW_BERT)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     child_args = [f"--assets={root}", f"--batch={args.batch}", f"--max-length={args.max_length}",
                   f"--steps={','.join(map(str, args.steps))}", f"--seed={args.seed}"]
