@@ -10,6 +10,7 @@ only the few places that write files check for the main process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -26,8 +27,8 @@ from harness.distributed import (StallWatchdog, StopFlag, bf16_master_weights, b
                                  collective_timeout, configure_deepspeed, configure_fsdp, record_deepspeed_config, sharding)
 from harness.errors import BadInput, TrainingDiverged, WriteFailed, first_line
 from harness.evaluation import evaluate
-from harness.modeling import (MasterWeights, attention_mask_for, build_optimizer, compile_model, flops_per_token, linear_schedule,
-                              load_model, load_tokenizer, make_unpadded, peak_flops)
+from harness.modeling import (FastCpuDropout, MasterWeights, attention_mask_for, build_optimizer, compile_model,
+                              flops_per_token, linear_schedule, load_model, load_tokenizer, make_unpadded, peak_flops)
 from harness.run_folder import RunFolder, hold_run_folder
 from harness.schedule import Schedule
 from harness.tracking import DtypeProbe, MetricsLog, NonFiniteGuard, SyncWatch, Throughput, compile_report, trackers
@@ -162,6 +163,9 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     stop = StopFlag().install(accelerator, collective_timeout(t.stall_timeout_s))
     meter = Throughput(accelerator, model_flops, peak_flops(t.peak_flops))
     watch = SyncWatch(t.sync_debug)
+    # train.cpu_dropout=fast: torch's dropout on CPUs draws one Bernoulli number per element (a quarter of a MiniLM step)
+    dropout_mode = (FastCpuDropout() if t.cpu_dropout == "fast" and accelerator.device.type == "cpu" and not t.compile
+                    else contextlib.nullcontext())
     guard = NonFiniteGuard(accelerator)
     newest_good = functools.partial(latest_checkpoint, run.root, warn=lambda message: None)
     step, last_eval_step, metrics = state.step, -1, {}
@@ -180,7 +184,8 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
                                                                  layers_compiled)
                     with accelerator.accumulate(model):
                         labels = batch.pop("labels")
-                        logits = model(**batch).logits
+                        with dropout_mode:
+                            logits = model(**batch).logits
                         # in fp32 whatever the weights' dtype (autocast computes it so; bf16 weights would give a bf16 loss)
                         loss = guard.inject(torch.nn.functional.cross_entropy(logits.float(), labels), step + 1)
                         accelerator.backward(loss)

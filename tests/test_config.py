@@ -72,6 +72,7 @@ def test_defaults_without_a_file_and_int_to_float():
         (["train.compile=yes please"], "train.compile: expected true or false"),
         (["train.peak_flops=-1"], "train.peak_flops must be positive"),
         (["train.compile_scope=blocks"], "train.compile_scope must be model or layers"),
+        (["train.cpu_dropout=quick"], "train.cpu_dropout must be fast or torch"),
         (["model.unpadded=true", "train.compile=true", "train.compile_mode=reduce-overhead"],
          "a CUDA graph would be recorded for each"),
         (["train.warmup_steps=2.5"], "train.warmup_steps must be a whole number"),
