@@ -60,11 +60,13 @@ def reuse_or_build_assets(root: Path, examples: int, model: dict | None = None) 
 # What each variant changes from harness's defaults (data.pad_multiple=auto: 64 on GPUs; the 4D SDPA mask;
 # train.bf16_mode=auto: bf16 weights with fp32 master weights on GPUs).
 VARIANTS = {
-    "v0.1": ["data.pad_multiple=8", "model.attention_mask=2d", "train.bf16_mode=autocast"],  # how harness 0.1 ran
+    "v0.1": ["data.pad_multiple=8", "model.attention_mask=2d", "train.bf16_mode=autocast",  # how harness 0.1 ran
+             "train.cpu_dropout=torch"],
     "pad8": ["data.pad_multiple=8"],  # the 4D mask, but up to 64 padded lengths
     "mask2d": ["model.attention_mask=2d"],  # buckets, but transformers' host-side mask check
     "default": [],
     "autocast": ["train.bf16_mode=autocast"],  # fp32 weights under bf16 autocast (the default until master weights)
+    "torch_dropout": ["train.cpu_dropout=torch"],  # torch's dropout and SDPA on CPUs (GPUs: the same as default)
     "compile": ["train.compile=true"],
     "cudagraphs": ["train.compile=true", "train.compile_mode=reduce-overhead"],
     # each encoder layer compiled in place, one graph shared by all of them: a fraction of the compile time

