@@ -14,12 +14,14 @@ max allocated on a GPU) and each ratio against the seed recipe.
 - seed:    Trainer, `padding="max_length"` (every review padded to max_length), fp32.
 - trainer: Trainer, DataCollatorWithPadding, train_sampling_strategy="group_by_length", bf16.
 - harness: `harness train` as shipped (length-grouped batches, dynamic padding to `data.pad_multiple`: 64 on
-  GPUs, 8 on CPUs; the 4D SDPA mask on GPUs; bf16 weights with fp32 masters on GPUs, bf16 autocast on CPUs),
-  logging every 10 steps.
-- harness_v01 (not run by default): the same with harness 0.1's padding to multiples of 8, 2D mask and autocast.
+  GPUs, 8 on CPUs; the 4D SDPA mask on GPUs; bf16 weights with fp32 masters on GPUs, bf16 autocast and
+  harness's dropout (train.cpu_dropout=fast) on CPUs), logging every 10 steps.
+- harness_v01 (not run by default): the same with harness 0.1's padding to multiples of 8, 2D mask, autocast and
+  torch's dropout.
 - harness_VARIANT (not run by default): harness with the overrides of benchmarks/gpu_bench.py's VARIANT, e.g.
   harness_master (`train.bf16_mode=master_weights`), harness_unpadded (`model.unpadded=true`),
-  harness_cudagraphs_layers (each encoder layer compiled with CUDA graphs). Compiled ones want --warmup.
+  harness_cudagraphs_layers (each encoder layer compiled with CUDA graphs), harness_torch_dropout
+  (`train.cpu_dropout=torch`). Compiled ones want --warmup.
 """
 
 from __future__ import annotations

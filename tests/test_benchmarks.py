@@ -32,3 +32,13 @@ def test_gpu_sh_summary_is_one_table_with_ratios_to_the_seed_and_the_trainer_at_
     assert cells["8", "harness default"][4] == "2.0%" and cells["8", "harness default"][8:10] == ["4.00x", "8.00x"]
     assert cells["128", "harness default"][8:10] == ["-", "-"]  # no seed or Trainer ran at batch 128
     assert summary(None, bench).count("\n") == 3  # gpu_bench's rows alone
+
+
+def test_cpu_dropout_benchmark_times_torch_and_fast_for_the_three_measurements(capsys):
+    from benchmarks.cpu_dropout import main
+
+    assert main(["--batch", "2", "--heads", "2", "--length", "16", "--head-size", "8", "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["mask", "dropout, forward + backward",
+                                                      "attention with dropout, forward + backward"]
+    assert all(float(r.split("|")[2]) > 0 and float(r.split("|")[3]) > 0 for r in rows)

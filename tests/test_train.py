@@ -140,18 +140,18 @@ def test_two_process_training_writes_one_model(tmp_path, tiny_model):
 
 
 def test_early_stopping_keeps_the_best_model_in_final_and_resumes_with_its_count(tmp_path, tiny_model):
-    """lr 1e-9: eval loss stays flat, so with min_delta 0.01 and patience 2 the evaluations at steps 4 and 6
-    bring no improvement and the run stops at step 6 on both ranks, final/ holding the model of step 2. The
+    """lr 1e-9: eval accuracy stays flat (the loss moves in its last digits, up or down with the dropout masks
+    drawn), so with min_delta 0.01 and patience 2 the evaluations at steps 4 and 6 bring no improvement and the run stops at step 6 on both ranks, final/ holding the model of step 2. The
     count is run state: resumed from the step-4 checkpoint (one evaluation without improvement so far) it
     stops at step 6 again, not at step 8."""
     # the stopping decision reads only evaluation metrics, which are the same on every rank: 2 ranks here
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_model, out, train={
-        "max_steps": 20, "lr": 1e-9, "eval_every": 2, "save_every": 2, "keep_last": 3, "best_metric": "loss",
+        "max_steps": 20, "lr": 1e-9, "eval_every": 2, "save_every": 2, "keep_last": 3, "best_metric": "accuracy",
         "early_stopping_patience": 2, "early_stopping_min_delta": 0.01})
     r = ok(harness("train", "--config", str(cfg), procs=2))
     assert "2 process(es) x batch 4" in r.stdout, "the launch really started two ranks"
-    assert (f"early stopping at step 6: eval loss did not improve by more than 0.01 in 2 evaluations; "
+    assert (f"early stopping at step 6: eval accuracy did not improve by more than 0.01 in 2 evaluations; "
             f"{out / 'final'} holds the best model, from step 2") in r.stdout
     evals = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
     assert evals == [2, 4, 6]
