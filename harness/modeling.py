@@ -227,7 +227,7 @@ def make_unpadded(model: nn.Module) -> None:
 def dropout_multiplier(shape, p: float, dtype: torch.dtype) -> torch.Tensor:
     """What dropout multiplies its input by: 0 with probability p, else 1 / (1 - p), in the input's dtype (as torch's
     own dropout computes it). p is rounded to a multiple of 1/65536: each 64-bit draw of the CPU generator gives four
-    16-bit uniform numbers, where torch's dropout draws one Bernoulli number per element (4x slower on 2 cores)."""
+    16-bit uniform numbers, where torch's dropout draws one Bernoulli number per element (3.7-5x slower on 2 cores)."""
     n = math.prod(shape)
     words = torch.empty(-(-n // 4), dtype=torch.int64).random_(-2**63, None)  # all 64 bits uniform
     draws = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
@@ -241,8 +241,8 @@ class FastCpuDropout(TorchFunctionMode):
     - `F.dropout` draws its mask with dropout_multiplier;
     - `F.scaled_dot_product_attention` with dropout: the CPU's fused kernel takes no dropout, so torch runs its
       math fallback (in fp32, with checks on the mask); here matmul, softmax in the input dtype (bf16 under
-      autocast, as transformers' eager attention gives it), the dropout multiplier, matmul: 3.3x faster forward
-      and backward on a MiniLM layer in bf16.
+      autocast, as transformers' eager attention gives it), the dropout multiplier, matmul: 3x faster forward and
+      backward on a MiniLM layer in bf16 (benchmarks/cpu_dropout.py).
     Anything else (GPU tensors, no dropout, causal or grouped-query attention) goes to torch unchanged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -260,7 +260,7 @@ class FastCpuDropout(TorchFunctionMode):
                 if mask is not None:
                     if mask.dtype == torch.bool:  # True = attend
                         mask = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(~mask, float("-inf"))
-                    scores = scores + mask
+                    scores = scores + mask.to(scores.dtype)  # an fp32 mask must not widen bf16 scores (v stays bf16)
                 probs = nn.functional.softmax(scores, dim=-1)
                 return (probs * dropout_multiplier(probs.shape, p, probs.dtype)) @ v
         return func(*args, **kwargs)

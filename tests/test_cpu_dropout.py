@@ -116,3 +116,15 @@ def test_training_on_the_cpu_draws_harness_masks_unless_told_torch(tmp_path, tin
             runs[name, mode] = losses(out)
     assert runs["dropout", "fast"] != runs["dropout", "torch"]
     assert runs["free", "fast"] == runs["free", "torch"]
+
+
+def test_bf16_weights_with_an_fp32_additive_mask_stay_bf16():
+    """bf16 weights without autocast (train.bf16_mode=master_weights on a CPU) and a mask built in fp32: the
+    scores keep the inputs' dtype, so the last matmul does not mix fp32 probabilities with bf16 values."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 4, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 8)
+    mask[1, ..., 6:] = float("-inf")
+    with FastCpuDropout():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
