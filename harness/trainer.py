@@ -108,7 +108,9 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     log = MetricsLog(accelerator, run, cfg, resume_step=state.step if checkpoint else None)
     parallelism = sharding(accelerator) or ('DDP' if accelerator.num_processes > 1 else 'one process')
     precision = "bf16 weights, fp32 master weights" if masters else accelerator.mixed_precision
-    say(f"parallelism: {parallelism} on {accelerator.device.type}, mixed precision {precision}")
+    fast_dropout = t.cpu_dropout == "fast" and accelerator.device.type == "cpu" and not t.compile
+    say(f"parallelism: {parallelism} on {accelerator.device.type}, mixed precision {precision}"
+        + (", dropout drawn by harness (train.cpu_dropout=fast)" if fast_dropout else ""))
     if accelerator.is_main_process:
         run.record_session(event="started", step=state.step, processes=accelerator.num_processes,
                            device=device_name(accelerator.device), mixed_precision=precision,
@@ -164,8 +166,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     meter = Throughput(accelerator, model_flops, peak_flops(t.peak_flops))
     watch = SyncWatch(t.sync_debug)
     # train.cpu_dropout=fast: torch's dropout on CPUs draws one Bernoulli number per element (a quarter of a MiniLM step)
-    dropout_mode = (FastCpuDropout() if t.cpu_dropout == "fast" and accelerator.device.type == "cpu" and not t.compile
-                    else contextlib.nullcontext())
+    dropout_mode = FastCpuDropout() if fast_dropout else contextlib.nullcontext()
     guard = NonFiniteGuard(accelerator)
     newest_good = functools.partial(latest_checkpoint, run.root, warn=lambda message: None)
     step, last_eval_step, metrics = state.step, -1, {}

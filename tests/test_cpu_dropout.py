@@ -112,7 +112,8 @@ def test_training_on_the_cpu_draws_harness_masks_unless_told_torch(tmp_path, tin
             out = tmp_path / f"{name}-{mode}"
             cfg = write_config(tmp_path / f"{name}-{mode}.yaml", model, out,
                                train={"max_steps": 3, "eval_every": 100, "cpu_dropout": mode})
-            ok(harness("train", "--config", str(cfg)))
+            r = ok(harness("train", "--config", str(cfg)))
+            assert ("dropout drawn by harness (train.cpu_dropout=fast)" in r.stdout) == (mode == "fast")
             runs[name, mode] = losses(out)
     assert runs["dropout", "fast"] != runs["dropout", "torch"]
     assert runs["free", "fast"] == runs["free", "torch"]
