@@ -190,12 +190,18 @@ class NonFiniteGuard:
             )
 
 
-def compile_report() -> str:
-    """How many graphs torch.compile built in this process, and where it fell back to Python (graph breaks)."""
+def compile_report(cuda_graphs: bool = False) -> str:
+    """How many graphs torch.compile built in this process, and where it fell back to Python (graph breaks);
+    with `cuda_graphs` (compile modes that record them), for how many compiled graphs (forward and backward count
+    apart) inductor skipped the CUDA graph: always on CPUs, and on GPUs for reasons its log gives (a skipped
+    graph runs compiled, without the graph: no error, only slower)."""
     from torch._dynamo.utils import counters
 
     breaks = sum(counters["graph_break"].values())
-    return f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled, {breaks} graph break(s)"
+    report = f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled, {breaks} graph break(s)"
+    if cuda_graphs:
+        report += f", CUDA graphs skipped for {counters['inductor']['cudagraph_skips']} compiled graph(s)"
+    return report
 
 
 def is_sync_warning(message: str) -> bool:

@@ -271,7 +271,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
         if watch.report():
             say(watch.report())
         if t.compile:
-            say(compile_report())
+            say(compile_report(cuda_graphs=t.compile_mode in ("reduce-overhead", "max-autotune")))
         log.close()
         stop.uninstall()
         accelerator.end_training()

@@ -79,3 +79,19 @@ def test_compiling_the_layers_compiles_one_graph_for_all_of_them_and_trains_like
         assert set(f.keys()) == set(g.keys()), "the export carries the model's own parameter names"
         for name in g.keys():
             assert torch.allclose(f.get_tensor(name), g.get_tensor(name), atol=1e-4), name
+
+
+def test_the_compile_report_counts_graphs_whose_cuda_graph_was_skipped():
+    """`reduce-overhead` records CUDA graphs; where inductor skips one (always on a CPU) the graph still runs,
+    only slower, so the report says how many were skipped: on a GPU the figure to read before any timing."""
+    from harness.tracking import compile_report
+
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    f = torch.compile(lambda x: (x * 2).sin().sum(), mode="reduce-overhead")
+    f(torch.randn(8, requires_grad=True)).backward()
+    skipped = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - before
+    assert skipped >= 1, "on a CPU there is no CUDA graph to record"
+    total = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    assert compile_report(cuda_graphs=True).endswith(f", CUDA graphs skipped for {total} compiled graph(s)")
+    assert "CUDA graphs" not in compile_report()
