@@ -17,9 +17,12 @@ def test_minilm_learns_imdb_sentiment(tmp_path):
         data={"dataset": str(IMDB_SAMPLE), "max_length": 128, "train_samples": 800, "eval_samples": None},
         train={"epochs": 1, "per_device_batch_size": 16, "lr": 1e-4, "warmup_steps": 0.1, "log_every": 10, "eval_every": 100},
     )
-    # one epoch (50 steps) keeps the suite inside its 15 minutes; it measured 0.783 here (two epochs: about 40 s more)
+    # one epoch (50 steps) keeps the suite inside its 15 minutes (two epochs: about 40 s more). It measured 0.764 here;
+    # seeds 7 (this one), 8 and 9 gave 0.764 / 0.801 / 0.743 (0.783 / 0.798 / 0.729 with torch's dropout): the bar
+    # below sits under that spread (chance is 0.5), so other random numbers or another CPU's bf16 kernels cannot fail
+    # it by seed noise, while a model that does not learn still does
     ok(harness("train", "--config", str(cfg), env={"ACCELERATE_MIXED_PRECISION": "bf16"}, timeout=600))
     metrics = json.loads((out / "final" / "eval_results.json").read_text())
     print("imdb-sample test accuracy:", metrics)
     assert metrics["num_examples"] == 1000, "the whole test file is scored"
-    assert metrics["accuracy"] >= 0.75
+    assert metrics["accuracy"] >= 0.70
