@@ -116,8 +116,8 @@ class TrainConfig:
     """How training forwards on CPUs draw dropout: `fast` (default): masks four at a time from 64-bit random
     numbers, and attention with dropout as matmul, softmax, mask, matmul instead of SDPA's math fallback
     (harness.modeling.FastCpuDropout; MiniLM on 2 cores: 1.71x the samples/s at max_length 512, 1.14x at
-    64); `torch`: torch's own dropout and SDPA. The same probabilities (p to 1/65536), other random numbers. Not with train.compile, whose graphs
-    draw their own; GPUs always use torch's (their kernels draw in place)."""
+    64); `torch`: torch's own dropout and SDPA. The same probabilities (p to 1/65536), other random numbers.
+    Not with train.compile, whose graphs draw their own; GPUs always use torch's (their kernels draw in place)."""
     compile: bool = False
     """torch.compile the model for training, in place (its parameter names, checkpoints and exports are the
     eager model's), as one graph whose batch size and padded length are symbolic (one compilation for every

@@ -231,8 +231,12 @@ def dropout_multiplier(shape, p: float, dtype: torch.dtype) -> torch.Tensor:
     n = math.prod(shape)
     words = torch.empty(-(-n // 4), dtype=torch.int64).random_(-2**63, None)  # all 64 bits uniform
     draws = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
-    dropped = round(p * 65536)
+    dropped = _dropped_of_65536(p)
     return (draws >= dropped - 32768).to(dtype).mul_(65536 / (65536 - dropped))
+
+
+def _dropped_of_65536(p: float) -> int:
+    return round(p * 65536)
 
 
 class FastCpuDropout(TorchFunctionMode):
@@ -249,13 +253,13 @@ class FastCpuDropout(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is nn.functional.dropout:
             x, p, training, inplace = _bind(args, kwargs, ("input", 0.5), ("p", 0.5), ("training", True), ("inplace", False))
-            if training and not inplace and _on_cpu(x) and 0 < round(p * 65536) < 65536:
+            if training and not inplace and _on_cpu(x) and 0 < _dropped_of_65536(p) < 65536:
                 return x * dropout_multiplier(x.shape, p, x.dtype)
         elif func is nn.functional.scaled_dot_product_attention:
             q, k, v, mask, p, causal, scale, gqa = _bind(
                 args, kwargs, ("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
                 ("is_causal", False), ("scale", None), ("enable_gqa", False))
-            if not causal and not gqa and q.dim() == 4 and _on_cpu(q) and 0 < round(p * 65536) < 65536:
+            if not causal and not gqa and q.dim() == 4 and _on_cpu(q) and 0 < _dropped_of_65536(p) < 65536:
                 scores = (q * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
                 if mask is not None:
                     if mask.dtype == torch.bool:  # True = attend

@@ -165,7 +165,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     stop = StopFlag().install(accelerator, collective_timeout(t.stall_timeout_s))
     meter = Throughput(accelerator, model_flops, peak_flops(t.peak_flops))
     watch = SyncWatch(t.sync_debug)
-    # train.cpu_dropout=fast: torch's dropout on CPUs draws one Bernoulli number per element (a quarter of a MiniLM step)
+    # train.cpu_dropout=fast: torch's dropout on CPUs draws one Bernoulli number per element (30% of a MiniLM step)
     dropout_mode = FastCpuDropout() if fast_dropout else contextlib.nullcontext()
     guard = NonFiniteGuard(accelerator)
     newest_good = functools.partial(latest_checkpoint, run.root, warn=lambda message: None)
