@@ -129,6 +129,11 @@ class TrainConfig:
     compile_mode: str = "default"
     """torch.compile mode with train.compile: `default`, `reduce-overhead` (CUDA graphs, one per padded length:
     fewer kernel-launch gaps at small batches), `max-autotune`, `max-autotune-no-cudagraphs`."""
+    cuda_graphs: bool = False
+    """Capture each training step (forward, loss, backward, clipping, optimizer) as a CUDA graph, one per batch
+    shape, and replay it (harness.graphs): one launch instead of thousands of operators from the host, which
+    bounds small-batch GPU steps; no compilation. One process on one GPU, train.grad_accum_steps 1, padded
+    batches, not with train.compile; a shape's first 2 steps run eagerly. On CPUs the steps run eagerly."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for the MFU figure (built in for A100, H100, H200 in bf16)."""
     report_to: Union[str, list[str]] = "tensorboard"
@@ -316,6 +321,10 @@ def validate(cfg: Config) -> None:
     need(not (m.unpadded and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")),
          f"model.unpadded with train.compile_mode={t.compile_mode}: the packed length changes with every batch, and "
          f"a CUDA graph would be recorded for each; use compile_mode default or max-autotune-no-cudagraphs")
+    for clash, reason in ((t.compile, "train.compile (use train.compile_mode=reduce-overhead for compiled graphs)"),
+                          (t.grad_accum_steps > 1, "train.grad_accum_steps above 1 (a graph replays a whole optimizer step)"),
+                          (m.unpadded, "model.unpadded (the packed length changes with every batch)")):
+        need(not (t.cuda_graphs and clash), f"train.cuda_graphs does not go with {reason}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")

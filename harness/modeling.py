@@ -105,18 +105,19 @@ def load_trained(model_dir: str | Path):
 
 
 def attention_mask_for(mask: torch.Tensor, attn_implementation: str, mask_format: str = "4d",
-                       layers_compiled: bool = False) -> torch.Tensor:
+                       no_host_check: bool = False) -> torch.Tensor:
     """The padding mask as the model's SDPA attention will use it, built on the device without a host sync.
 
     Given a (batch, length) mask, transformers checks `mask.all()` on the host in every SDPA forward (to
     drop the mask when nothing is padded): a GPU synchronisation per step. A 4D boolean mask (True =
     attend) is used as it is. Eager attention keeps the 2D mask (it wants an additive float mask of the
     compute dtype; its check remains). `auto` (the model.attention_mask default): 4d on GPUs, 2d on CPUs,
-    where there is no sync to save, unless the layers are compiled apart (`layers_compiled`): a batch without
-    padding would then give them no mask, and compile a second graph.
+    where there is no sync to save, unless `no_host_check` asks for 4d there too: layers compiled apart (a batch
+    without padding would give them no mask, and compile a second graph) and steps captured as graphs (whose
+    capture a host check would break).
     """
     if mask_format == "auto":
-        mask_format = "4d" if mask.device.type == "cuda" or layers_compiled else "2d"
+        mask_format = "4d" if mask.device.type == "cuda" or no_host_check else "2d"
     if mask_format == "2d" or attn_implementation != "sdpa":
         return mask
     return mask[:, None, None, :].bool()

@@ -27,6 +27,7 @@ from harness.distributed import (StallWatchdog, StopFlag, bf16_master_weights, b
                                  collective_timeout, configure_deepspeed, configure_fsdp, record_deepspeed_config, sharding)
 from harness.errors import BadInput, TrainingDiverged, WriteFailed, first_line
 from harness.evaluation import evaluate
+from harness.graphs import StepGraphs, graph_backend
 from harness.modeling import (FastCpuDropout, MasterWeights, attention_mask_for, build_optimizer, compile_model,
                               flops_per_token, linear_schedule, load_model, load_tokenizer, make_unpadded, peak_flops)
 from harness.run_folder import RunFolder, hold_run_folder
@@ -168,6 +169,24 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     # train.cpu_dropout=fast: torch's dropout on CPUs draws one Bernoulli number per element (30% of a MiniLM step)
     dropout_mode = FastCpuDropout() if fast_dropout else contextlib.nullcontext()
     guard = NonFiniteGuard(accelerator)
+
+    def training_step(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward, loss, backward, clipping and the optimizer for one micro-batch: what train.cuda_graphs captures."""
+        with dropout_mode:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        # in fp32 whatever the weights' dtype (autocast computes it so; bf16 weights would give a bf16 loss)
+        loss = guard.inject(torch.nn.functional.cross_entropy(logits.float(), batch["labels"]), step + 1)
+        accelerator.backward(loss)
+        norm = None
+        if accelerator.sync_gradients and t.max_grad_norm > 0:
+            norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss, norm
+
+    graphs = None
+    if t.cuda_graphs:
+        graphs = step_graphs(accelerator, training_step, optimizer, attn, cfg.model.attention_mask, say)
     newest_good = functools.partial(latest_checkpoint, run.root, warn=lambda message: None)
     step, last_eval_step, metrics = state.step, -1, {}
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
@@ -182,19 +201,11 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
                 with watch:
                     batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                     batch["attention_mask"] = attention_mask_for(batch["attention_mask"], attn, cfg.model.attention_mask,
-                                                                 layers_compiled)
+                                                                 no_host_check=layers_compiled or graphs is not None)
                     with accelerator.accumulate(model):
-                        labels = batch.pop("labels")
-                        with dropout_mode:
-                            logits = model(**batch).logits
-                        # in fp32 whatever the weights' dtype (autocast computes it so; bf16 weights would give a bf16 loss)
-                        loss = guard.inject(torch.nn.functional.cross_entropy(logits.float(), labels), step + 1)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and t.max_grad_norm > 0:
-                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    meter.add_loss(loss)
+                        loss, norm = (graphs or training_step)(batch)
+                    grad_norm = grad_norm if norm is None else norm
+                    meter.add_loss(loss)  # the loss (and norm) of a replayed graph hold until its next replay
                     guard.observe(step + 1, loss, grad_norm if accelerator.sync_gradients else None)
                     if accelerator.sync_gradients:
                         scheduler.step()
@@ -219,7 +230,8 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
                 if step % t.log_every == 0 or step == total_steps:
                     guard.check(newest_good)
                     record = meter.read()
-                    record.update({"train/lr": scheduler.get_last_lr()[0], "train/samples_seen": state.samples_seen,
+                    # the learning rate is a tensor on the device with train.cuda_graphs
+                    record.update({"train/lr": float(scheduler.get_last_lr()[0]), "train/samples_seen": state.samples_seen,
                                    "train/epoch": state.epoch + state.position / len(train_ds)})
                     if grad_norm is not None:
                         record["train/grad_norm"] = float(grad_norm)
@@ -270,6 +282,8 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
         progress.close()
         if watch.report():
             say(watch.report())
+        if graphs is not None:
+            say(graphs.report())
         if t.compile:
             say(compile_report(cuda_graphs=t.compile_mode in ("reduce-overhead", "max-autotune")))
         log.close()
@@ -283,6 +297,21 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+def step_graphs(accelerator, training_step, optimizer, attn: str, mask_format: str, say) -> StepGraphs | None:
+    """train.cuda_graphs: the steps as CUDA graphs where that is possible; refused (exit 2) where it cannot be."""
+    if accelerator.num_processes > 1 or sharding(accelerator):
+        raise BadInput("train.cuda_graphs runs one process without DeepSpeed or FSDP: launch it with "
+                       "launch_configs/accelerate/single_gpu.yaml (or none)")
+    if attn != "sdpa" or mask_format == "2d":  # transformers' mask check reads the GPU, which a capture forbids
+        raise BadInput(f"train.cuda_graphs needs SDPA attention with a 4D mask (model.attention_mask auto or 4d); "
+                       f"this model runs {attn} attention with model.attention_mask={mask_format}")
+    new_graph = graph_backend(accelerator.device)
+    if new_graph is None:
+        say(f"train.cuda_graphs: no CUDA device ({accelerator.device.type}), the steps run eagerly")
+        return None
+    return StepGraphs(training_step, optimizer, accelerator.device, new_graph)
 
 
 def load_state(accelerator, checkpoint: Path) -> None:

@@ -193,8 +193,11 @@ def test_a_training_step_makes_no_host_synchronisation(tmp_path, tiny_bert):
                                        ["train.compile=true", "train.compile_mode=reduce-overhead"],
                                        ["train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_scope=layers"],
                                        ["model.unpadded=true", "train.bf16_mode=master_weights", "train.compile=true",
-                                        "train.compile_scope=layers"]],
-                         ids=["master_weights", "autocast", "unpadded", "cudagraphs", "cudagraphs_layers", "unpadded_master_layers"])
+                                        "train.compile_scope=layers"],
+                                       ["train.cuda_graphs=true"],
+                                       ["train.cuda_graphs=true", "train.bf16_mode=autocast"]],
+                         ids=["master_weights", "autocast", "unpadded", "cudagraphs", "cudagraphs_layers", "unpadded_master_layers",
+                              "step_graphs", "step_graphs_autocast"])
 def test_master_weights_unpadded_and_cuda_graphs_train_on_the_single_gpu_config(tmp_path, tiny_bert, overrides):
     """Issue #9's options on the shipped single-GPU config (bf16): bf16 weights with fp32 masters (no host
     synchronisation added by its optimizer hooks), unpadded (packed) batches through FlashAttention's varlen
@@ -205,7 +208,11 @@ def test_master_weights_unpadded_and_cuda_graphs_train_on_the_single_gpu_config(
     r = run(launch_cmd(LAUNCH_DIR / "single_gpu.yaml", 1, "train", "--config", str(cfg), "train.max_steps=30",
                        "train.save_every=null", "train.log_every=10", "train.sync_debug=true", *overrides), timeout=400)
     assert "compute dtype bfloat16" in r.stdout
-    if "train.compile=true" not in overrides:  # nested tensors are given their lengths: no sync to read them back
+    graphed = "train.cuda_graphs=true" in overrides
+    if graphed:  # each capture synchronises (torch.cuda.graph): no count asserted
+        report = re.search(r"CUDA graphs: (\d+) captured .* (\d+) step\(s\) replayed", r.stdout)
+        assert report and int(report.group(1)) >= 1 and int(report.group(2)) >= 10, r.stdout[-3000:] + r.stderr[-3000:]
+    elif "train.compile=true" not in overrides:  # nested tensors are given their lengths: no sync to read them back
         assert "host synchronisations inside training steps: 0" in r.stdout, r.stdout[-3000:]
     if "train.bf16_mode=master_weights" in overrides:
         assert "mixed precision bf16 weights, fp32 master weights" in r.stdout
@@ -254,3 +261,28 @@ def test_unpadded_attention_runs_flash_varlen_and_matches_masked_sdpa_in_bf16():
         for i, (a, n) in enumerate(zip(bounds, lengths)):
             assert torch.allclose(x.grad[0, a:a + n].transpose(0, 1).float(), p.grad[i, :, :n].float(),
                                   atol=5e-2, rtol=5e-2), i
+
+
+def test_step_graphs_train_as_the_eager_steps(tmp_path, tiny_bert):
+    """train.cuda_graphs on CUDA: the replayed steps give the eager run's losses (a dropout-free model, so both draw
+    nothing; bf16, so within its rounding), and only a shape's first steps ran eagerly."""
+    from transformers import BertForSequenceClassification
+
+    model = tmp_path / "no-dropout"
+    net = BertForSequenceClassification.from_pretrained(tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    net.save_pretrained(model)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_bert / name).exists():
+            (model / name).write_bytes((tiny_bert / name).read_bytes())
+    runs = {}
+    for graphs in ("false", "true"):
+        cfg = recipe(tmp_path / f"{graphs}.yaml", model, tmp_path / graphs)
+        r = run(launch_cmd(LAUNCH_DIR / "single_gpu.yaml", 1, "train", "--config", str(cfg), "train.max_steps=40",
+                           "train.save_every=null", "train.log_every=1", f"train.cuda_graphs={graphs}"), timeout=300)
+        rows = [json.loads(line) for line in (tmp_path / graphs / "metrics.jsonl").read_text().splitlines()]
+        runs[graphs] = {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+        if graphs == "true":
+            assert re.search(r"CUDA graphs: [1-9]\d* captured", r.stdout), r.stdout[-3000:]
+    assert sorted(runs["true"]) == sorted(runs["false"]) == list(range(1, 41))
+    for step, loss in runs["false"].items():
+        assert abs(runs["true"][step] - loss) < 2e-2, (step, loss, runs["true"][step])

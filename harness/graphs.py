@@ -1,0 +1,111 @@
+"""`train.cuda_graphs`: whole training steps captured as CUDA graphs, one per batch shape, and replayed.
+
+At a small batch a GPU step is bound by the host: the eager model dispatches 2,500-3,000 operators a step
+(benchmarks/step_ops.py), each costing microseconds of Python, dispatch and a kernel launch. A CUDA graph
+records the kernels of one whole step (forward, loss, backward, clipping, the optimizer) once and replays
+them with one launch; nothing is compiled, so capturing costs about one step per shape.
+
+What a replay does is fixed at capture, so:
+- every batch shape gets its own graph (data.pad_multiple=auto bounds them: 8 padded lengths at max_length
+  512), captured after the shape ran `warmup` eager steps (cuBLAS and attention plans, the optimizer's state);
+  a shape seen fewer times (an epoch's last, shorter batch) or past `limit` graphs runs eagerly;
+- each batch is copied into the graph's own input tensors, and the loss and gradient norm it returns are the
+  graph's output tensors, overwritten by the next replay (the loop reads them before that);
+- the learning rate becomes a tensor on the device, which the scheduler fills in place (a float would be
+  replayed as it was at capture);
+- nothing in the step may wait for the GPU (a capture fails on it): harness's loop has no such wait.
+
+Whatever a step does in Python besides launching kernels (hooks, the fault injection of tests) runs at
+capture only. The graphs share one memory pool: only their loss and gradient norm outlive a replay.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from typing import Callable
+
+import torch
+
+Step = Callable[[dict], tuple]  # batch -> (loss, grad_norm or None)
+
+
+class CudaGraph:
+    """One captured step on the current CUDA device; graphs of a run share `pool`."""
+
+    def __init__(self, pool):
+        self.graph, self.pool = torch.cuda.CUDAGraph(), pool
+
+    def capture(self):
+        return torch.cuda.graph(self.graph, pool=self.pool)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+def graph_backend(device: torch.device) -> Callable[[], object] | None:
+    """A factory of empty graphs for `device`; None where CUDA graphs do not exist (the steps then run eagerly)."""
+    if device.type != "cuda":
+        return None
+    pool = torch.cuda.graph_pool_handle()
+    return lambda: CudaGraph(pool)
+
+
+class StepGraphs:
+    """Runs `step(batch)`: eagerly for a shape's first `warmup` batches, then as that shape's captured graph."""
+
+    def __init__(self, step: Step, optimizer: torch.optim.Optimizer, device: torch.device,
+                 new_graph: Callable[[], object], warmup: int = 2, limit: int = 16):
+        self.step, self.new_graph, self.warmup, self.limit = step, new_graph, warmup, limit
+        self.device = device
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.graphs: dict[tuple, tuple] = {}  # shape key -> (graph, its input tensors, its output tensors)
+        self.seen: collections.Counter = collections.Counter()
+        self.eager_steps = self.replays = 0
+        self.capture_s = 0.0
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            group["capturable"] = True  # fused AdamW keeps its step counts on the device: no host value in the graph
+
+    def __call__(self, batch: dict) -> tuple:
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in batch.items())
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.seen[key] += 1
+            if self.seen[key] <= self.warmup or len(self.graphs) >= self.limit:
+                self.eager_steps += 1
+                with self._side_stream():
+                    return self.step(batch)
+            entry = self.graphs[key] = self._capture(batch)
+        graph, inputs, outputs = entry
+        for name, value in batch.items():
+            inputs[name].copy_(value, non_blocking=True)
+        graph.replay()
+        self.replays += 1
+        return outputs
+
+    def _capture(self, batch: dict) -> tuple:
+        inputs = {name: value.clone() for name, value in batch.items()}
+        graph = self.new_graph()
+        tic = time.perf_counter()
+        with graph.capture():  # records the kernels without running them: the replay below runs this batch
+            outputs = self.step(inputs)
+        self.capture_s += time.perf_counter() - tic
+        return graph, inputs, outputs
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        """Eager steps on a side stream, as torch's CUDA-graph notes ask of the warm-up before a capture."""
+        if self.side is None:
+            yield
+            return
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(self.side)
+
+    def report(self) -> str:
+        return (f"CUDA graphs: {len(self.graphs)} captured (one per batch shape) in {self.capture_s:.2f} s, "
+                f"{self.replays} step(s) replayed, {self.eager_steps} run eagerly (a shape's first {self.warmup}, "
+                f"or past {self.limit} graphs)")

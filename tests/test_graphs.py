@@ -1,0 +1,167 @@
+"""`train.cuda_graphs`: whole training steps captured once per batch shape and replayed (harness.graphs).
+
+CI has no GPU, so the graphs here are tests/graph_tape.py's CPU stand-in, which replays the recorded operators
+on the recorded tensors as a CUDA graph replays its kernels: a value the step reads from Python at capture (a
+float learning rate), an input not copied into the graph, or optimizer state created inside the capture gives
+other weights than the eager run, and a host synchronisation fails the capture. The real graphs run in the
+GPU suite (tests/gpu).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from harness import trainer
+from harness.config import load_config
+from harness.graphs import StepGraphs
+from tests.graph_tape import TapeGraph
+from tests.helpers import harness, losses, ok, write_config
+
+
+def tiny_setup(seed: int = 0):
+    """A 2-layer BERT with dropout, fused AdamW and a decaying learning rate, as the loop builds them."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+
+    def step(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss, norm
+
+    return model, optimizer, scheduler, step
+
+
+def batches():
+    """Two shapes interleaved, and a third seen once (as an epoch's last, shorter batch)."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 16), (4, 24)] * 5 + [(3, 16)]
+    out = []
+    for n, length in shapes:
+        mask = torch.ones(n, length, dtype=torch.bool)
+        mask[0, length // 2:] = False
+        mask = mask[:, None, None, :]  # harness's 4D mask: the 2D one has transformers read it on the host
+        out.append({"input_ids": torch.randint(0, 64, (n, length), generator=g), "attention_mask": mask,
+                    "labels": torch.randint(0, 2, (n,), generator=g)})
+    return out
+
+
+def train_steps(warmup: int, break_lr: bool = False):
+    model, optimizer, scheduler, step = tiny_setup()
+    runner = StepGraphs(step, optimizer, torch.device("cpu"), TapeGraph, warmup=warmup)
+    if break_lr:  # what a graph replays if the learning rate stays a Python float
+        for group in optimizer.param_groups:
+            group["lr"] = float(group["lr"])
+    torch.manual_seed(5)
+    seen = []
+    for batch in batches():
+        loss, norm = runner(batch)
+        seen.append((loss.clone(), norm.clone()))
+        scheduler.step()
+    return runner, seen, [p.detach().clone() for p in model.parameters()]
+
+
+def test_replayed_steps_train_exactly_as_eager_ones():
+    eager, eager_seen, eager_weights = train_steps(warmup=10**6)  # never captures: the same loop, all eager
+    graphs, seen, weights = train_steps(warmup=1)
+    assert (len(eager.graphs), eager.replays) == (0, 0)
+    assert len(graphs.graphs) == 2 and graphs.replays == 8 and graphs.eager_steps == 3, graphs.report()
+    for i, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(seen, eager_seen)):
+        assert torch.equal(loss, ref_loss) and torch.equal(norm, ref_norm), f"step {i}: {loss} vs {ref_loss}"
+    assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights)), "the same weights after 11 steps"
+
+
+def test_the_stand_in_sees_what_a_cuda_graph_would_get_wrong():
+    """The checks above can fail: a learning rate left a float is replayed as it was at capture, and a step
+    that reads a value back to the host cannot be captured."""
+    _, _, eager_weights = train_steps(warmup=10**6)
+    _, _, weights = train_steps(warmup=1, break_lr=True)
+    assert not all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
+
+    model, optimizer, _, step = tiny_setup()
+
+    def step_that_reads_the_loss(batch):
+        loss, norm = step(batch)
+        if loss.item() > 100:  # a host synchronisation
+            raise AssertionError
+        return loss, norm
+
+    runner = StepGraphs(step_that_reads_the_loss, optimizer, torch.device("cpu"), TapeGraph, warmup=1)
+    runner(batches()[0])
+    with pytest.raises(RuntimeError, match="host synchronisation inside a captured step"):
+        runner(batches()[2])
+
+
+def graph_run(tmp_path, tiny_model, name: str, monkeypatch, cuda_graphs: bool, **train):
+    """`harness train` in this process, its graphs the CPU stand-in (CI has no CUDA)."""
+    monkeypatch.setattr(trainer, "graph_backend", lambda device: TapeGraph)
+    cfg = write_config(tmp_path / f"{name}.yaml", tiny_model, tmp_path / name,
+                       data={"train_samples": 48, "max_length": 24},
+                       train={"epochs": 2, "eval_every": 6, "cuda_graphs": cuda_graphs, **train})
+    trainer.train(load_config(cfg, []))
+    return cfg, tmp_path / name
+
+
+def test_a_run_with_cuda_graphs_trains_as_the_eager_run(tmp_path, tiny_model, monkeypatch, capfd):
+    """The real loop: 24 steps over batches of three padded lengths, evaluations between replays, the same
+    losses and weights as the eager run (the learning rate is a float32 tensor there: 1e-6)."""
+    _, eager = graph_run(tmp_path, tiny_model, "eager", monkeypatch, cuda_graphs=False)
+    capfd.readouterr()
+    _, graphed = graph_run(tmp_path, tiny_model, "graphs", monkeypatch, cuda_graphs=True)
+    out = capfd.readouterr().out
+    report = re.search(r"CUDA graphs: (\d+) captured .* (\d+) step\(s\) replayed, (\d+) run eagerly", out)
+    assert report, out[-2000:]
+    captured, replayed, eager_steps = map(int, report.groups())
+    assert captured >= 2 and replayed >= 12 and replayed + eager_steps == 24, report.group(0)
+    before, after = losses(eager), losses(graphed)
+    assert sorted(before) == sorted(after) == list(range(1, 25))
+    for step in before:
+        assert after[step] == pytest.approx(before[step], abs=1e-6), f"step {step}: {before[step]} vs {after[step]}"
+    from safetensors.torch import load_file
+
+    a, b = load_file(eager / "final" / "model.safetensors"), load_file(graphed / "final" / "model.safetensors")
+    assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+def test_a_run_with_cuda_graphs_resumes_exactly(tmp_path, tiny_model, monkeypatch):
+    """A checkpoint written between replays (the optimizer's learning rate is then a tensor) resumes, with graphs
+    captured anew, to the losses of the uninterrupted run."""
+    _, out = graph_run(tmp_path, tiny_model, "run", monkeypatch, cuda_graphs=True, save_every=8, keep_last=3)
+    straight = losses(out)
+    shutil.rmtree(out / "final")  # as if the job had been preempted after the checkpoint at step 8
+    graph_run(tmp_path, tiny_model, "run", monkeypatch, cuda_graphs=True, save_every=8, keep_last=3,
+              resume=str(out / "checkpoints" / "step-00000008"))
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(1, 25))
+    for step in range(9, 25):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), f"step {step}: {straight[step]} vs {resumed[step]}"
+
+
+def test_on_a_cpu_the_cli_says_so_and_trains_eagerly(tmp_path, tiny_model):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run", train={"max_steps": 3, "cuda_graphs": True})
+    r = ok(harness("train", "--config", str(cfg)))
+    assert "train.cuda_graphs: no CUDA device (cpu), the steps run eagerly" in r.stdout
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_several_processes_are_refused_in_one_line(tmp_path, tiny_model):
+    """A graph replays one process's kernels; DDP's all-reduce between ranks is not in it: exit 2 on every rank."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run", train={"max_steps": 3, "cuda_graphs": True})
+    r = harness("train", "--config", str(cfg), procs=2)
+    assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
+    assert "harness: error: train.cuda_graphs runs one process without DeepSpeed or FSDP" in r.stderr
+    assert "Traceback" not in r.stderr.split("exitcode")[0], r.stderr[-3000:]
