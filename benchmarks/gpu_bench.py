@@ -77,6 +77,9 @@ VARIANTS = {
     "master_cudagraphs": ["train.bf16_mode=master_weights", "train.compile=true", "train.compile_mode=reduce-overhead"],
     "master_cudagraphs_layers": ["train.bf16_mode=master_weights", "train.compile=true", "train.compile_mode=reduce-overhead",
                                  "train.compile_scope=layers"],
+    # whole training steps captured as CUDA graphs, one per padded length, and replayed (no compilation)
+    "step_graphs": ["train.cuda_graphs=true"],
+    "step_graphs_autocast": ["train.cuda_graphs=true", "train.bf16_mode=autocast"],
     # real tokens only: packed, attention per example through nested jagged tensors (FlashAttention varlen, no mask)
     "unpadded": ["model.unpadded=true"],
     "master_unpadded": ["train.bf16_mode=master_weights", "model.unpadded=true"],

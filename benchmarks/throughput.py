@@ -20,8 +20,9 @@ max allocated on a GPU) and each ratio against the seed recipe.
   torch's dropout.
 - harness_VARIANT (not run by default): harness with the overrides of benchmarks/gpu_bench.py's VARIANT, e.g.
   harness_master (`train.bf16_mode=master_weights`), harness_unpadded (`model.unpadded=true`),
-  harness_cudagraphs_layers (each encoder layer compiled with CUDA graphs), harness_torch_dropout
-  (`train.cpu_dropout=torch`). Compiled ones want --warmup.
+  harness_cudagraphs_layers (each encoder layer compiled with CUDA graphs), harness_step_graphs (whole steps
+  captured as CUDA graphs, `train.cuda_graphs=true`), harness_torch_dropout (`train.cpu_dropout=torch`).
+  Compiled and captured ones want --warmup.
 """
 
 from __future__ import annotations
