@@ -13,7 +13,8 @@ What a replay does is fixed at capture, so:
   graph's output tensors, overwritten by the next replay (the loop reads them before that);
 - the learning rate becomes a tensor on the device, which the scheduler fills in place (a float would be
   replayed as it was at capture);
-- nothing in the step may wait for the GPU (a capture fails on it): harness's loop has no such wait.
+- nothing in the step may wait for the GPU: harness's loop has no such wait (the GPU suite counts them), and a
+  capture that fails all the same (on this or any other reason) leaves that shape eager, with the reason printed.
 
 Whatever a step does in Python besides launching kernels (hooks, the fault injection of tests) runs at
 capture only. The graphs share one memory pool: only their loss and gradient norm outlive a replay.
@@ -53,31 +54,36 @@ def graph_backend(device: torch.device) -> Callable[[], object] | None:
 
 
 class StepGraphs:
-    """Runs `step(batch)`: eagerly for a shape's first `warmup` batches, then as that shape's captured graph."""
+    """Runs `step(batch)`: eagerly for a shape's first `warmup` batches, then as that shape's captured graph.
+
+    A capture that fails (an operator that cannot be captured) leaves that shape eager, said once through `say`;
+    `reset` then clears the gradients the failed capture may have left."""
 
     def __init__(self, step: Step, optimizer: torch.optim.Optimizer, device: torch.device,
-                 new_graph: Callable[[], object], warmup: int = 2, limit: int = 16):
-        self.step, self.new_graph, self.warmup, self.limit = step, new_graph, warmup, limit
-        self.device = device
+                 new_graph: Callable[[], object], reset: Callable[[], None], say: Callable[[str], None] = print,
+                 warmup: int = 2, limit: int = 16):
+        self.step, self.optimizer, self.device, self.new_graph = step, optimizer, device, new_graph
+        self.reset, self.say, self.warmup, self.limit = reset, say, warmup, limit
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.graphs: dict[tuple, tuple] = {}  # shape key -> (graph, its input tensors, its output tensors)
+        self.failed: dict[tuple, str] = {}  # shape key -> why its capture failed
         self.seen: collections.Counter = collections.Counter()
         self.eager_steps = self.replays = 0
         self.capture_s = 0.0
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
-            group["capturable"] = True  # fused AdamW keeps its step counts on the device: no host value in the graph
 
     def __call__(self, batch: dict) -> tuple:
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in batch.items())
         entry = self.graphs.get(key)
         if entry is None:
             self.seen[key] += 1
-            if self.seen[key] <= self.warmup or len(self.graphs) >= self.limit:
+            if self.seen[key] > self.warmup and key not in self.failed and len(self.graphs) < self.limit:
+                entry = self._capture(key, batch)
+            if entry is None:
                 self.eager_steps += 1
                 with self._side_stream():
                     return self.step(batch)
-            entry = self.graphs[key] = self._capture(batch)
         graph, inputs, outputs = entry
         for name, value in batch.items():
             inputs[name].copy_(value, non_blocking=True)
@@ -85,14 +91,34 @@ class StepGraphs:
         self.replays += 1
         return outputs
 
-    def _capture(self, batch: dict) -> tuple:
+    def _capture(self, key: tuple, batch: dict) -> tuple | None:
         inputs = {name: value.clone() for name, value in batch.items()}
         graph = self.new_graph()
         tic = time.perf_counter()
-        with graph.capture():  # records the kernels without running them: the replay below runs this batch
-            outputs = self.step(inputs)
-        self.capture_s += time.perf_counter() - tic
-        return graph, inputs, outputs
+        self._capturable(True)
+        try:
+            with graph.capture():  # records the kernels without running them: the replay after it runs this batch
+                outputs = self.step(inputs)
+        except Exception as e:  # noqa: BLE001 - whatever the reason, this shape trains eagerly
+            from harness.errors import first_line
+
+            self.reset()
+            self.failed[key] = first_line(e)
+            shape = ", ".join(f"{name} {tuple(value.shape)}" for name, value in batch.items())
+            self.say(f"train.cuda_graphs: the step of batches of shape {shape} could not be captured "
+                     f"({self.failed[key]}); they run eagerly")
+            return None
+        finally:
+            self._capturable(False)
+            self.capture_s += time.perf_counter() - tic
+        self.graphs[key] = graph, inputs, outputs
+        return self.graphs[key]
+
+    def _capturable(self, on: bool) -> None:
+        """torch refuses to capture an optimizer step unless its groups say `capturable` (fused AdamW keeps its step
+        counts on the device either way); off between captures, where torch would warn about it on every eager step."""
+        for group in self.optimizer.param_groups:
+            group["capturable"] = on
 
     @contextlib.contextmanager
     def _side_stream(self):
@@ -106,6 +132,7 @@ class StepGraphs:
         torch.cuda.current_stream(self.device).wait_stream(self.side)
 
     def report(self) -> str:
-        return (f"CUDA graphs: {len(self.graphs)} captured (one per batch shape) in {self.capture_s:.2f} s, "
+        failed = f", {len(self.failed)} shape(s) failed to capture" if self.failed else ""
+        return (f"CUDA graphs: {len(self.graphs)} captured (one per batch shape) in {self.capture_s:.2f} s{failed}, "
                 f"{self.replays} step(s) replayed, {self.eager_steps} run eagerly (a shape's first {self.warmup}, "
                 f"or past {self.limit} graphs)")

@@ -68,12 +68,14 @@ class TapeGraph:
     def capture(self):
         rng = torch.get_rng_state()
         recorder = _Recorder()
-        with recorder:
-            yield
-        with torch.no_grad():
-            for t, before in reversed(recorder.undo):
-                t.copy_(before)
-        torch.set_rng_state(rng)
+        try:
+            with recorder:
+                yield
+        finally:  # a capture that failed has not run either
+            with torch.no_grad():
+                for t, before in reversed(recorder.undo):
+                    t.copy_(before)
+            torch.set_rng_state(rng)
         self.ops = recorder.ops
 
     def replay(self) -> None:
