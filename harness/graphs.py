@@ -14,7 +14,7 @@ What a replay does is fixed at capture, so:
 - the learning rate becomes a tensor on the device, which the scheduler fills in place (a float would be
   replayed as it was at capture);
 - nothing in the step may wait for the GPU: harness's loop has no such wait (the GPU suite counts them), and a
-  capture that fails all the same (on this or any other reason) leaves that shape eager, with the reason printed.
+  capture that fails all the same (for this or any other reason) leaves that shape eager, with the reason printed.
 
 Whatever a step does in Python besides launching kernels (hooks, the fault injection of tests) runs at
 capture only. The graphs share one memory pool: only their loss and gradient norm outlive a replay.
