@@ -133,7 +133,8 @@ class TrainConfig:
     """Capture each training step (forward, loss, backward, clipping, optimizer) as a CUDA graph, one per batch
     shape, and replay it (harness.graphs): one launch instead of thousands of operators from the host, which
     bounds small-batch GPU steps; no compilation. One process on one GPU, train.grad_accum_steps 1, padded
-    batches, not with train.compile; a shape's first 2 steps run eagerly. On CPUs the steps run eagerly."""
+    batches, not with train.compile; a shape's first 2 steps run eagerly. On CPUs the steps run eagerly. A run may
+    resume with or without it."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for the MFU figure (built in for A100, H100, H200 in bf16)."""
     report_to: Union[str, list[str]] = "tensorboard"

@@ -102,7 +102,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     record_deepspeed_config(accelerator, run.deepspeed_config)
     if checkpoint:
         check_world_size(state.world_size, state.sharding, accelerator)
-        load_state(accelerator, checkpoint)
+        load_state(accelerator, checkpoint, optimizer)
         say(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
             f"{state.position} of {len(train_ds)} examples of the epoch done")
 
@@ -319,8 +319,11 @@ def step_graphs(accelerator, model, training_step, optimizer, attn: str, mask_fo
     return StepGraphs(training_step, optimizer, accelerator.device, new_graph, reset, say)
 
 
-def load_state(accelerator, checkpoint: Path) -> None:
+def load_state(accelerator, checkpoint: Path, optimizer) -> None:
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as e:  # a file that passed the size check but does not parse
         raise BadInput(f"checkpoint {checkpoint} cannot be loaded: {first_line(e)}") from None
+    for group in optimizer.param_groups:  # a train.cuda_graphs run saved it as a tensor (StepGraphs makes it one again)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])

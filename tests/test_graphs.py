@@ -147,13 +147,14 @@ def test_a_run_with_cuda_graphs_trains_as_the_eager_run(tmp_path, tiny_model, mo
     assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
 
 
-def test_a_run_with_cuda_graphs_resumes_exactly(tmp_path, tiny_model, monkeypatch):
-    """A checkpoint written between replays (the optimizer's learning rate is then a tensor) resumes, with graphs
-    captured anew, to the losses of the uninterrupted run."""
+@pytest.mark.parametrize("graphs_after", [True, False], ids=["with_graphs", "eagerly"])
+def test_a_run_with_cuda_graphs_resumes_exactly(tmp_path, tiny_model, monkeypatch, graphs_after):
+    """A checkpoint written between replays (the optimizer's learning rate is then a tensor) resumes to the losses
+    of the uninterrupted run, with graphs captured anew or eagerly (train.cuda_graphs may change on resume)."""
     _, out = graph_run(tmp_path, tiny_model, "run", monkeypatch, cuda_graphs=True, save_every=8, keep_last=3)
     straight = losses(out)
     shutil.rmtree(out / "final")  # as if the job had been preempted after the checkpoint at step 8
-    graph_run(tmp_path, tiny_model, "run", monkeypatch, cuda_graphs=True, save_every=8, keep_last=3,
+    graph_run(tmp_path, tiny_model, "run", monkeypatch, cuda_graphs=graphs_after, save_every=8, keep_last=3,
               resume=str(out / "checkpoints" / "step-00000008"))
     resumed = losses(out)
     assert sorted(resumed) == list(range(1, 25))
