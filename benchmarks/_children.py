@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# lines of a run that say whether it ran as asked (graphs captured or skipped, compilations, capture failures):
+# passed on to the parent's output and its RESULT, since a timing alone cannot tell
+NOTES = ("CUDA graphs", "torch.compile", "train.cuda_graphs", "first step in")
 
 
 def child_env() -> dict:
@@ -41,7 +44,11 @@ def run_child(module: str, args: list[str], system: str, launch_config: str | No
     if proc.returncode or line is None:
         print(stdout[-3000:], stderr[-5000:], file=sys.stderr)
         raise SystemExit(f"{system} failed (exit {proc.returncode})")
-    return json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT "):])
+    result["notes"] = [l.strip() for l in stdout.splitlines() if l.strip().startswith(NOTES)]
+    for note in result["notes"]:
+        print(f"{system}: {note}", flush=True)
+    return result
 
 
 def report(result: dict) -> None:

@@ -42,3 +42,22 @@ def test_cpu_dropout_benchmark_times_torch_and_fast_for_the_three_measurements(c
     assert [r.split("|")[1].strip() for r in rows] == ["mask", "dropout, forward + backward",
                                                       "attention with dropout, forward + backward"]
     assert all(float(r.split("|")[2]) > 0 and float(r.split("|")[3]) > 0 for r in rows)
+
+
+def test_a_childs_notes_reach_the_parent(tmp_path, monkeypatch, capsys):
+    """Whether a run really captured its CUDA graphs (or compiled, or skipped them) is in its own output, which the
+    benchmark parent otherwise drops: those lines come back in the RESULT and are printed under the system's name."""
+    from benchmarks import _children
+
+    child = tmp_path / "fake_child.py"
+    child.write_text("print('step 10: loss 0.7')\n"
+                     "print('CUDA graphs: 3 captured (one per batch shape) in 0.20 s, 57 step(s) replayed, 6 run eagerly')\n"
+                     "print('torch.compile: 1 graph(s) compiled, 0 graph break(s); CUDA graphs skipped for 0 compiled graph(s)')\n"
+                     "print('RESULT {\"samples_per_s\": 1.0}')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    result = _children.run_child("fake_child", [], "harness_step_graphs")
+    assert result["samples_per_s"] == 1.0 and len(result["notes"]) == 2 and result["notes"][0].startswith("CUDA graphs: 3 captured")
+    out = capsys.readouterr().out
+    assert "harness_step_graphs: CUDA graphs: 3 captured" in out and "step 10" not in out
+
