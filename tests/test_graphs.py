@@ -116,6 +116,27 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_and_says_why():
     assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
 
 
+@pytest.mark.parametrize("dropout", [0.2, 0.0])
+def test_every_replay_draws_new_dropout_masks(dropout):
+    """Replays of one batch at learning rate 0 differ only by their dropout masks: they must differ (the generator
+    moves on at each replay, as CUDA's does for a captured graph) with dropout, and agree without it."""
+    model, optimizer, _, step = tiny_setup()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = dropout
+    runner = StepGraphs(step, optimizer, torch.device("cpu"), TapeGraph, reset=lambda: None, warmup=1)
+    for group in optimizer.param_groups:
+        group["lr"].fill_(0.0)
+    batch = batches()[0]
+    losses_seen = [runner(batch)[0].clone() for _ in range(4)]  # one eager step, then a capture and replays
+    assert runner.replays == 3
+    replayed = losses_seen[1:]
+    if dropout:
+        assert len({x.item() for x in replayed}) == 3, replayed
+    else:
+        assert all(torch.equal(x, losses_seen[0]) for x in replayed), losses_seen
+
+
 def graph_run(tmp_path, tiny_model, name: str, monkeypatch, cuda_graphs: bool, **train):
     """`harness train` in this process, its graphs the CPU stand-in (CI has no CUDA)."""
     monkeypatch.setattr(trainer, "graph_backend", lambda device: TapeGraph)

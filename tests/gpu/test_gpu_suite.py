@@ -286,3 +286,44 @@ def test_step_graphs_train_as_the_eager_steps(tmp_path, tiny_bert):
     assert sorted(runs["true"]) == sorted(runs["false"]) == list(range(1, 41))
     for step, loss in runs["false"].items():
         assert abs(runs["true"][step] - loss) < 2e-2, (step, loss, runs["true"][step])
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_every_replayed_step_draws_new_dropout_masks_on_cuda(dropout):
+    """A captured step must not replay the dropout masks of its capture: at learning rate 0, replays of one batch
+    differ only by their masks, so with dropout they differ and without it they agree (SDPA's attention dropout and
+    the hidden dropout both, in bf16 weights as the GPU default trains)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from harness.graphs import StepGraphs, graph_backend
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                        num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    model = BertForSequenceClassification(config, attn_implementation="sdpa").cuda().to(torch.bfloat16).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
+
+    def step(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss, norm
+
+    said = []
+    runner = StepGraphs(step, optimizer, torch.device("cuda"), graph_backend(torch.device("cuda")),
+                        reset=lambda: optimizer.zero_grad(set_to_none=True), say=said.append, warmup=2)
+    mask = torch.ones(8, 64, dtype=torch.bool, device="cuda")
+    mask[0, 40:] = False
+    batch = {"input_ids": torch.randint(0, 100, (8, 64), device="cuda"), "attention_mask": mask[:, None, None, :],
+             "labels": torch.randint(0, 2, (8,), device="cuda")}
+    seen = [runner(batch)[0].clone() for _ in range(6)]
+    assert not said and runner.replays == 4, said
+    replayed = [x.item() for x in seen[2:]]
+    if dropout:
+        assert len(set(replayed)) == 4, replayed
+    else:  # the same graph on the same inputs: the same loss; the eager step's, within bf16 rounding
+        assert len(set(replayed)) == 1 and abs(replayed[0] - seen[0].item()) < 1e-2, (seen, replayed)
+
