@@ -39,7 +39,9 @@ class CudaGraph:
         self.graph, self.pool = torch.cuda.CUDAGraph(), pool
 
     def capture(self):
-        return torch.cuda.graph(self.graph, pool=self.pool)
+        # thread_local, as torch.compile's CUDA graphs: only this thread's unsafe calls fail the capture, not the data
+        # loader's pin-memory thread (data.num_workers > 0, as the shipped recipes) allocating pinned memory meanwhile
+        return torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local")
 
     def replay(self) -> None:
         self.graph.replay()
