@@ -311,6 +311,7 @@ def step_graphs(accelerator, model, training_step, optimizer, attn: str, mask_fo
     if new_graph is None:
         say(f"train.cuda_graphs: no CUDA device ({accelerator.device.type}), the steps run eagerly")
         return None
+
     def reset() -> None:  # the gradients a failed capture may have left
         optimizer.zero_grad(set_to_none=True)
         for p in model.parameters():
