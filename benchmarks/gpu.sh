@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One NVIDIA GPU, bert-base at max_length 512, offline, one call (about 6 minutes on an H100, setup included, by
-# the time its parts took there; the defaults below have not run as one call yet):
-#   1. seed recipe vs best-configured Trainer vs harness 0.1's settings vs harness, batch 8 (benchmarks/throughput.py);
+# One NVIDIA GPU, bert-base at max_length 512, offline, one call (its parts took about 6 minutes on an H100, setup
+# included, before the step-graph rows were added; the defaults below have not run as one call yet):
+#   1. seed recipe vs best-configured Trainer vs harness 0.1's settings vs harness, eager and with whole steps as
+#      CUDA graphs (train.cuda_graphs), batch 8 (benchmarks/throughput.py);
 #   2. harness variants x per-device batch: samples/s, tokens/s, MFU, compile time apart (benchmarks/gpu_bench.py).
 #
 #   bash benchmarks/gpu.sh                    # one table at the end (summary.txt); JSON and logs in $OUT (default .)
@@ -28,8 +29,8 @@ ASSETS=${ASSETS:-/tmp/harness-gpu-assets}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -m benchmarks.gpu_bench --assets "$ASSETS" --examples "${EXAMPLES:-3000}" --build-only
 python3 -m benchmarks.throughput --model "$ASSETS/bert-base-random" --data "$ASSETS/data" --samples "${SAMPLES:-1024}" \
-    --batch 8 --rounds 1 --warmup "${TP_WARMUP:-0}" --systems "${SYSTEMS:-seed,trainer,harness_v01,harness}" --json "$OUT/throughput.json" | tee "$OUT/throughput.txt"
+    --batch 8 --rounds 1 --warmup "${TP_WARMUP:-0}" --systems "${SYSTEMS:-seed,trainer,harness_v01,harness,harness_step_graphs}" --json "$OUT/throughput.json" | tee "$OUT/throughput.txt"
 python3 -m benchmarks.gpu_bench --assets "$ASSETS" --steps "${STEPS:-60}" --warmup "${WARMUP:-30}" \
-    --batches "${BATCHES:-8,128}" --variants "${VARIANTS:-v0.1,autocast,default}" --out "$OUT" | tee "$OUT/gpu_bench.txt"
+    --batches "${BATCHES:-8,128}" --variants "${VARIANTS:-v0.1,autocast,default,step_graphs}" --out "$OUT" | tee "$OUT/gpu_bench.txt"
 echo
 python3 -m benchmarks.gpu_bench --summary "$OUT" | tee "$OUT/summary.txt"
