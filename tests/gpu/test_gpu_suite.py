@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,11 +270,9 @@ def test_step_graphs_train_as_the_eager_steps(tmp_path, tiny_bert):
     from transformers import BertForSequenceClassification
 
     model = tmp_path / "no-dropout"
-    net = BertForSequenceClassification.from_pretrained(tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    net.save_pretrained(model)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_bert / name).exists():
-            (model / name).write_bytes((tiny_bert / name).read_bytes())
+    shutil.copytree(tiny_bert, model)  # its tokenizer and the data files the recipe reads from the model's folder
+    BertForSequenceClassification.from_pretrained(tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+                                                  ).save_pretrained(model)
     runs = {}
     for graphs in ("false", "true"):
         cfg = recipe(tmp_path / f"{graphs}.yaml", model, tmp_path / graphs)
@@ -299,8 +298,9 @@ def test_every_replayed_step_draws_new_dropout_masks_on_cuda(dropout):
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                        num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    model = BertForSequenceClassification(config, attn_implementation="sdpa").cuda().to(torch.bfloat16).train()
+                        num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                        attn_implementation="sdpa")
+    model = BertForSequenceClassification(config).cuda().to(torch.bfloat16).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
 
     def step(batch):
