@@ -71,7 +71,8 @@ def train_steps(warmup: int, break_lr: bool = False, reads_the_loss: bool = Fals
         optimizer.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
 
-    runner = StepGraphs(step, optimizer, torch.device("cpu"), TapeGraph, reset, say=(said if said is not None else []).append, warmup=warmup)
+    said = [] if said is None else said
+    runner = StepGraphs(step, optimizer, torch.device("cpu"), TapeGraph, reset, say=said.append, warmup=warmup)
     if break_lr:  # what a graph replays if the learning rate stays a Python float
         for group in optimizer.param_groups:
             group["lr"] = float(group["lr"])
