@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     systems = [s for s in systems if runs[s]]
     if not systems:
         raise SystemExit("every system failed")
-    med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in systems}
+    med = {s: medians(runs[s]) for s in systems}
     base = med.get("seed")
     print(f"\n{args.model}, {args.data}, max_length {args.max_length}, batch {args.batch}, attn {args.attn}, "
           f"{args.steps} timed steps after {args.warmup}, median of {args.rounds} interleaved rounds")
@@ -236,6 +236,12 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "median": med}, indent=2))
     return 0
+
+
+def medians(rounds: list[dict]) -> dict:
+    """Each figure's median over a system's rounds; what is not a number (a run's notes) is taken from the last round."""
+    return {k: statistics.median(r[k] for r in rounds) if isinstance(v, (int, float)) else rounds[-1][k]
+            for k, v in rounds[0].items()}
 
 
 if __name__ == "__main__":

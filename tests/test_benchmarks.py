@@ -61,3 +61,11 @@ def test_a_childs_notes_reach_the_parent(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "harness_step_graphs: CUDA graphs: 3 captured" in out and "step 10" not in out
 
+
+def test_throughput_medians_take_the_numbers_and_keep_the_notes():
+    from benchmarks.throughput import medians
+
+    rounds = [{"samples_per_s": 4.0, "tokens_per_s": 100, "notes": ["first step in 1.0 s"]},
+              {"samples_per_s": 6.0, "tokens_per_s": 300, "notes": ["first step in 0.5 s"]}]
+    assert medians(rounds) == {"samples_per_s": 5.0, "tokens_per_s": 200, "notes": ["first step in 0.5 s"]}
+
