@@ -59,13 +59,15 @@ class StepGraphs:
     """Runs `step(batch)`: eagerly for a shape's first `warmup` batches, then as that shape's captured graph.
 
     A capture that fails (an operator that cannot be captured) leaves that shape eager, said once through `say`;
-    `reset` then clears the gradients the failed capture may have left."""
+    `reset` then clears the gradients the failed capture may have left. Captures run inside `quiet()` (the loop's
+    sync counter paused: a capture synchronises by design, once per shape; replays do not)."""
 
     def __init__(self, step: Step, optimizer: torch.optim.Optimizer, device: torch.device,
                  new_graph: Callable[[], object], reset: Callable[[], None], say: Callable[[str], None] = print,
-                 warmup: int = 2, limit: int = 16):
+                 warmup: int = 2, limit: int = 16,
+                 quiet: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.step, self.optimizer, self.device, self.new_graph = step, optimizer, device, new_graph
-        self.reset, self.say, self.warmup, self.limit = reset, say, warmup, limit
+        self.reset, self.say, self.warmup, self.limit, self.quiet = reset, say, warmup, limit, quiet
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.graphs: dict[tuple, tuple] = {}  # shape key -> (graph, its input tensors, its output tensors)
         self.failed: dict[tuple, str] = {}  # shape key -> why its capture failed
@@ -99,7 +101,7 @@ class StepGraphs:
         tic = time.perf_counter()
         self._capturable(True)
         try:
-            with graph.capture():  # records the kernels without running them: the replay after it runs this batch
+            with self.quiet(), graph.capture():  # records the kernels without running them: the replay runs this batch
                 outputs = self.step(inputs)
         except Exception as e:  # noqa: BLE001 - whatever the reason, this shape trains eagerly
             from harness.errors import first_line

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
@@ -239,6 +240,17 @@ class SyncWatch:
             if syncs and self.first is None:
                 self.first = f"{syncs[0].filename}:{syncs[0].lineno}: {syncs[0].message}"
         return False
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Not counted: what synchronises by design inside a step's span (a CUDA-graph capture, once per shape)."""
+        if self.enabled:
+            torch.cuda.set_sync_debug_mode("default")
+        try:
+            yield
+        finally:
+            if self.enabled:
+                torch.cuda.set_sync_debug_mode("warn")
 
     def report(self) -> str | None:
         if not self.enabled:

@@ -186,7 +186,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
 
     graphs = None
     if t.cuda_graphs:
-        graphs = step_graphs(accelerator, model, training_step, optimizer, attn, cfg.model.attention_mask, say)
+        graphs = step_graphs(accelerator, model, training_step, optimizer, attn, cfg.model.attention_mask, say, watch)
     newest_good = functools.partial(latest_checkpoint, run.root, warn=lambda message: None)
     step, last_eval_step, metrics = state.step, -1, {}
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
@@ -299,7 +299,8 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
-def step_graphs(accelerator, model, training_step, optimizer, attn: str, mask_format: str, say) -> StepGraphs | None:
+def step_graphs(accelerator, model, training_step, optimizer, attn: str, mask_format: str, say,
+                watch: SyncWatch) -> StepGraphs | None:
     """train.cuda_graphs: the steps as CUDA graphs where that is possible; refused (exit 2) where it cannot be."""
     if accelerator.num_processes > 1 or sharding(accelerator):
         raise BadInput("train.cuda_graphs runs one process without DeepSpeed or FSDP: launch it with "
@@ -317,7 +318,7 @@ def step_graphs(accelerator, model, training_step, optimizer, attn: str, mask_fo
         for p in model.parameters():
             p.grad = None
 
-    return StepGraphs(training_step, optimizer, accelerator.device, new_graph, reset, say)
+    return StepGraphs(training_step, optimizer, accelerator.device, new_graph, reset, say, quiet=watch.paused)
 
 
 def load_state(accelerator, checkpoint: Path, optimizer) -> None:

@@ -9,6 +9,7 @@ GPU suite (tests/gpu).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import shutil
@@ -93,6 +94,31 @@ def test_replayed_steps_train_exactly_as_eager_ones():
     for i, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(seen, eager_seen)):
         assert torch.equal(loss, ref_loss) and torch.equal(norm, ref_norm), f"step {i}: {loss} vs {ref_loss}"
     assert all(torch.equal(a, b) for a, b in zip(weights, eager_weights)), "the same weights after 11 steps"
+
+
+def test_captures_run_inside_quiet_and_nothing_else_does():
+    """train.sync_debug counts synchronisations in steps; a capture makes some by design (torch.cuda.graph synchronises
+    on entry), so the loop's counter is paused for captures only: replays and eager steps stay counted."""
+    model, optimizer, _, step = tiny_setup()
+    inside = []
+
+    def watched(batch):
+        inside.append(quiet_depth[0])
+        return step(batch)
+
+    quiet_depth = [0]
+
+    @contextlib.contextmanager
+    def quiet():
+        quiet_depth[0] += 1
+        yield
+        quiet_depth[0] -= 1
+
+    runner = StepGraphs(watched, optimizer, torch.device("cpu"), TapeGraph, reset=lambda: None, warmup=1, quiet=quiet)
+    for batch in batches():
+        runner(batch)
+    # Python runs the step only eagerly (3 times: each shape's first batch) and at the 2 captures; replays run none
+    assert inside == [0, 0, 1, 1, 0], inside
 
 
 def test_the_stand_in_sees_what_a_cuda_graph_would_get_wrong():
