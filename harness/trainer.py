@@ -313,10 +313,9 @@ def step_graphs(accelerator, model, training_step, optimizer, attn: str, mask_fo
         say(f"train.cuda_graphs: no CUDA device ({accelerator.device.type}), the steps run eagerly")
         return None
 
-    def reset() -> None:  # the gradients a failed capture may have left
+    def reset() -> None:  # the gradients a failed capture may have left (the fp32 masters' and the model's)
         optimizer.zero_grad(set_to_none=True)
-        for p in model.parameters():
-            p.grad = None
+        model.zero_grad(set_to_none=True)
 
     return StepGraphs(training_step, optimizer, accelerator.device, new_graph, reset, say, quiet=watch.paused)
 

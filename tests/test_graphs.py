@@ -100,13 +100,11 @@ def test_captures_run_inside_quiet_and_nothing_else_does():
     """train.sync_debug counts synchronisations in steps; a capture makes some by design (torch.cuda.graph synchronises
     on entry), so the loop's counter is paused for captures only: replays and eager steps stay counted."""
     model, optimizer, _, step = tiny_setup()
-    inside = []
+    inside, quiet_depth = [], [0]
 
     def watched(batch):
         inside.append(quiet_depth[0])
         return step(batch)
-
-    quiet_depth = [0]
 
     @contextlib.contextmanager
     def quiet():
@@ -238,6 +236,7 @@ def test_several_processes_are_refused_in_one_line(tmp_path, tiny_model):
     """A graph replays one process's kernels; DDP's all-reduce between ranks is not in it: exit 2 on every rank."""
     cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run", train={"max_steps": 3, "cuda_graphs": True})
     r = harness("train", "--config", str(cfg), procs=2)
+    assert "2 process(es) x batch 4" in r.stdout, "the launch really started two ranks"
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
     assert "harness: error: train.cuda_graphs runs one process without DeepSpeed or FSDP" in r.stderr
     assert "Traceback" not in r.stderr.split("exitcode")[0], r.stderr[-3000:]

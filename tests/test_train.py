@@ -141,9 +141,9 @@ def test_two_process_training_writes_one_model(tmp_path, tiny_model):
 
 def test_early_stopping_keeps_the_best_model_in_final_and_resumes_with_its_count(tmp_path, tiny_model):
     """lr 1e-9: eval accuracy stays flat (the loss moves in its last digits, up or down with the dropout masks
-    drawn), so with min_delta 0.01 and patience 2 the evaluations at steps 4 and 6 bring no improvement and the run stops at step 6 on both ranks, final/ holding the model of step 2. The
-    count is run state: resumed from the step-4 checkpoint (one evaluation without improvement so far) it
-    stops at step 6 again, not at step 8."""
+    drawn), so with min_delta 0.01 and patience 2 the evaluations at steps 4 and 6 bring no improvement and the
+    run stops at step 6 on both ranks, final/ holding the model of step 2. The count is run state: resumed from
+    the step-4 checkpoint (one evaluation without improvement so far) it stops at step 6 again, not at step 8."""
     # the stopping decision reads only evaluation metrics, which are the same on every rank: 2 ranks here
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_model, out, train={
