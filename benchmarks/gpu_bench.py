@@ -80,6 +80,8 @@ VARIANTS = {
     # whole training steps captured as CUDA graphs, one per padded length, and replayed (no compilation)
     "step_graphs": ["train.cuda_graphs=true"],
     "step_graphs_autocast": ["train.cuda_graphs=true", "train.bf16_mode=autocast"],
+    # the same with each encoder layer compiled (fused kernels) before the captures
+    "step_graphs_layers": ["train.cuda_graphs=true", "train.compile=true", "train.compile_scope=layers"],
     # real tokens only: packed, attention per example through nested jagged tensors (FlashAttention varlen, no mask)
     "unpadded": ["model.unpadded=true"],
     "master_unpadded": ["train.bf16_mode=master_weights", "model.unpadded=true"],

@@ -18,7 +18,8 @@ not: attention's length-squared work then dominates on 2 cores, 0.6 s a step).
 - compile_layers: `train.compile=true train.compile_scope=layers` (each encoder layer, one shared graph);
 - cudagraphs: `train.compile=true train.compile_mode=reduce-overhead` (CUDA only); cudagraphs_layers: the same
             with `train.compile_scope=layers`.
-- step_graphs: `train.cuda_graphs=true`: whole steps captured as CUDA graphs, nothing compiled (CUDA only).
+- step_graphs: `train.cuda_graphs=true`: whole steps captured as CUDA graphs, nothing compiled (CUDA only);
+            step_graphs_layers: the same with `train.compile=true train.compile_scope=layers` (compiled, then captured).
 
 Each system runs in its own process; the table gives the median milliseconds per optimizer step over the
 logged windows after --warmup steps, and the time of the first --warmup steps apart (compilation, plans).
@@ -44,6 +45,7 @@ SYSTEMS = {
     "cudagraphs": ["train.compile=true", "train.compile_mode=reduce-overhead"],
     "cudagraphs_layers": ["train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_scope=layers"],
     "step_graphs": ["train.cuda_graphs=true"],
+    "step_graphs_layers": ["train.cuda_graphs=true", "train.compile=true", "train.compile_scope=layers"],
 }
 # bert-base's graph with almost no arithmetic: same depth, heads and modules, hidden 96 (head size 8)
 NARROW_BERT = dict(hidden_size=96, num_attention_heads=12, intermediate_size=384)
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
                   f"--seed={args.seed}", f"--max-length={args.max_length}"]
     results = []
     for system in systems:
-        if (system.startswith("cudagraphs") or system == "step_graphs") and not torch.cuda.is_available():
+        if system.startswith(("cudagraphs", "step_graphs")) and not torch.cuda.is_available():
             print(f"{system}: skipped (no CUDA device)", flush=True)
             continue
         try:

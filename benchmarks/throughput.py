@@ -21,7 +21,8 @@ max allocated on a GPU) and each ratio against the seed recipe.
 - harness_VARIANT (not run by default): harness with the overrides of benchmarks/gpu_bench.py's VARIANT, e.g.
   harness_master (`train.bf16_mode=master_weights`), harness_unpadded (`model.unpadded=true`),
   harness_cudagraphs_layers (each encoder layer compiled with CUDA graphs), harness_step_graphs (whole steps
-  captured as CUDA graphs, `train.cuda_graphs=true`), harness_torch_dropout (`train.cpu_dropout=torch`).
+  captured as CUDA graphs, `train.cuda_graphs=true`), harness_step_graphs_layers (the same, the layers compiled
+  first), harness_torch_dropout (`train.cpu_dropout=torch`).
   Compiled and captured ones want --warmup.
 """
 

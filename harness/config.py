@@ -322,7 +322,9 @@ def validate(cfg: Config) -> None:
     need(not (m.unpadded and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")),
          f"model.unpadded with train.compile_mode={t.compile_mode}: the packed length changes with every batch, and "
          f"a CUDA graph would be recorded for each; use compile_mode default or max-autotune-no-cudagraphs")
-    for clash, reason in ((t.compile, "train.compile (use train.compile_mode=reduce-overhead for compiled graphs)"),
+    for clash, reason in ((t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"),
+                           f"train.compile_mode={t.compile_mode}, which records CUDA graphs of its own (a capture cannot "
+                           f"hold another): use compile_mode default"),
                           (t.grad_accum_steps > 1, "train.grad_accum_steps above 1 (a graph replays a whole optimizer step)"),
                           (m.unpadded, "model.unpadded (the packed length changes with every batch)")):
         need(not (t.cuda_graphs and clash), f"train.cuda_graphs does not go with {reason}")

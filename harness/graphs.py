@@ -3,7 +3,10 @@
 At a small batch a GPU step is bound by the host: the eager model dispatches 2,500-3,000 operators a step
 (benchmarks/step_ops.py), each costing microseconds of Python, dispatch and a kernel launch. A CUDA graph
 records the kernels of one whole step (forward, loss, backward, clipping, the optimizer) once and replays
-them with one launch; nothing is compiled, so capturing costs about one step per shape.
+them with one launch; nothing is compiled, so capturing costs about one step per shape. With train.compile
+(compile_mode default or max-autotune-no-cudagraphs) the graph holds the compiled model's kernels, fused and fewer:
+the model is compiled in the uncaptured steps before the first capture (one dynamic graph for every shape), so a
+capture runs compiled code only.
 
 What a replay does is fixed at capture, so:
 - every batch shape gets its own graph (data.pad_multiple=auto bounds them: 8 padded lengths at max_length

@@ -35,6 +35,12 @@ class _Recorder(TorchDispatchMode):
         self.undo: list[tuple] = []  # (tensor that existed before the capture, its value before a write)
         self.created: set[int] = set()  # storages made during the capture
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        """Let torch.compile run its compiled code under the recorder, as it does inside a CUDA capture (under any
+        other dispatch mode dynamo runs the model eagerly); the operators that code dispatches are recorded."""
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if str(func.overloadpacket) in HOST_SYNCS:

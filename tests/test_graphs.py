@@ -9,6 +9,7 @@ GPU suite (tests/gpu).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import re
@@ -21,7 +22,7 @@ from torch.nn import functional as F
 from harness import trainer
 from harness.config import load_config
 from harness.graphs import StepGraphs
-from tests.graph_tape import TapeGraph
+from tests.graph_tape import TapeGraph, _Recorder
 from tests.helpers import harness, losses, ok, write_config
 
 
@@ -163,13 +164,13 @@ def test_every_replay_draws_new_dropout_masks(dropout):
         assert all(torch.equal(x, losses_seen[0]) for x in replayed), losses_seen
 
 
-def graph_run(tmp_path, tiny_model, name: str, monkeypatch, cuda_graphs: bool, capture: bool = True, **train):
+def graph_run(tmp_path, tiny_model, name: str, monkeypatch, cuda_graphs: bool, capture: bool = True, data=None, **train):
     """`harness train` in this process, its graphs the CPU stand-in (CI has no CUDA); `capture=False`: the loop of
     train.cuda_graphs (the learning rate a tensor) with every step eager."""
     monkeypatch.setattr(trainer, "graph_backend", lambda device: TapeGraph)
     monkeypatch.setattr(trainer, "StepGraphs", StepGraphs if capture else functools.partial(StepGraphs, warmup=10**9))
     cfg = write_config(tmp_path / f"{name}.yaml", tiny_model, tmp_path / name,
-                       data={"train_samples": 48, "max_length": 24},
+                       data={"train_samples": 48, "max_length": 24, **(data or {})},
                        train={"epochs": 2, "eval_every": 6, "cuda_graphs": cuda_graphs, **train})
     trainer.train(load_config(cfg, []))
     return cfg, tmp_path / name
@@ -223,6 +224,54 @@ def test_a_run_with_cuda_graphs_resumes_exactly(tmp_path, tiny_model, monkeypatc
     assert sorted(resumed) == list(range(1, 25))
     for step in range(9, 25):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), f"step {step}: {straight[step]} vs {resumed[step]}"
+
+
+def test_compiled_layers_are_captured_compiled_and_train_as_uncaptured(tmp_path, tiny_model, monkeypatch, capfd):
+    """train.compile (layers) with train.cuda_graphs: the layers are compiled in the uncaptured steps, and every
+    capture records the compiled code. The same losses and weights, bit for bit, as the same compiled loop without
+    captures, and no compilation during a capture (the same number of compiled graphs in both runs)."""
+    from torch._dynamo.utils import counters
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    calls = collections.Counter()  # calls of the compiled layer graph: inside a capture or not
+
+    def aot_eager_counted(gm, example_inputs):
+        compiled = torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+        def run(*args):
+            calls["in a capture" if any(isinstance(m, _Recorder) for m in _get_current_dispatch_mode_stack())
+                  else "uncaptured"] += 1
+            return compiled(*args)
+        return run
+
+    # the stand-in records the operators that reach torch's dispatcher; inductor's CPU kernels are C++ that it calls
+    # directly, so here the layers compile with aot_eager (dynamo's graphs and AOT autograd, eager kernels), counted;
+    # the GPU suite captures inductor's own kernels
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: real_compile(*a, **{**k, "backend": aot_eager_counted}))
+    compiled, runs = {}, {}
+    for name, capture in (("uncaptured", False), ("graphs", True)):
+        torch._dynamo.reset()
+        counters.clear()
+        calls.clear()
+        capfd.readouterr()
+        _, runs[name] = graph_run(tmp_path, tiny_model, name, monkeypatch, cuda_graphs=True, capture=capture,
+                                  data={"pad_multiple": 8},  # three padded lengths (auto pads to 64 when compiling)
+                                  compile=True, compile_scope="layers")
+        out = capfd.readouterr().out
+        assert "torch.compile (default): each of its 2 BertLayers" in out, out[-2000:]
+        compiled[name] = re.search(r"torch.compile: (\d+) graph\(s\) compiled", out).group(1)
+    report = re.search(r"CUDA graphs: (\d+) captured .* (\d+) step\(s\) replayed", out)
+    assert int(report.group(1)) >= 2 and int(report.group(2)) >= 12, report.group(0)
+    # each capture ran both layers' compiled code, and none was compiled inside a capture (a capture cannot compile:
+    # inductor benchmarks its kernels by running them) or in the replays (there is no Python in them)
+    assert calls["in a capture"] == 2 * int(report.group(1)), calls
+    assert compiled["graphs"] == compiled["uncaptured"], compiled
+    assert losses(runs["graphs"]) == losses(runs["uncaptured"]) and sorted(losses(runs["graphs"])) == list(range(1, 25))
+    from safetensors.torch import load_file
+
+    weights, same_loop = (load_file(run / "final" / "model.safetensors") for run in (runs["graphs"], runs["uncaptured"]))
+    assert all(torch.equal(weights[k], same_loop[k]) for k in weights)
 
 
 def test_on_a_cpu_the_cli_says_so_and_trains_eagerly(tmp_path, tiny_model):

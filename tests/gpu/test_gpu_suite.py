@@ -196,14 +196,16 @@ def test_a_training_step_makes_no_host_synchronisation(tmp_path, tiny_bert):
                                        ["model.unpadded=true", "train.bf16_mode=master_weights", "train.compile=true",
                                         "train.compile_scope=layers"],
                                        ["train.cuda_graphs=true"],
-                                       ["train.cuda_graphs=true", "train.bf16_mode=autocast"]],
+                                       ["train.cuda_graphs=true", "train.bf16_mode=autocast"],
+                                       ["train.cuda_graphs=true", "train.compile=true", "train.compile_scope=layers"]],
                          ids=["master_weights", "autocast", "unpadded", "cudagraphs", "cudagraphs_layers", "unpadded_master_layers",
-                              "step_graphs", "step_graphs_autocast"])
+                              "step_graphs", "step_graphs_autocast", "step_graphs_layers"])
 def test_master_weights_unpadded_and_cuda_graphs_train_on_the_single_gpu_config(tmp_path, tiny_bert, overrides):
     """Issue #9's options on the shipped single-GPU config (bf16): bf16 weights with fp32 masters (no host
     synchronisation added by its optimizer hooks), unpadded (packed) batches through FlashAttention's varlen
     kernel (no synchronisation either), CUDA graphs, compiled once for every padded length (whole model or by
-    layers), and unpadded batches through layers compiled around the attention; all export a model that
+    layers), unpadded batches through layers compiled around the attention, and whole steps captured as CUDA
+    graphs (train.cuda_graphs: eager, under autocast, and with compiled layers); all export a model that
     `harness evaluate` scores."""
     cfg = recipe(tmp_path / "c.yaml", tiny_bert, tmp_path / "run")
     r = run(launch_cmd(LAUNCH_DIR / "single_gpu.yaml", 1, "train", "--config", str(cfg), "train.max_steps=30",
@@ -212,6 +214,9 @@ def test_master_weights_unpadded_and_cuda_graphs_train_on_the_single_gpu_config(
     if "train.cuda_graphs=true" in overrides:
         report = re.search(r"CUDA graphs: (\d+) captured .* (\d+) step\(s\) replayed", r.stdout)
         assert report and int(report.group(1)) >= 1 and int(report.group(2)) >= 10, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "could not be captured" not in r.stdout, r.stdout[-3000:]
+        if "train.compile=true" in overrides:  # compiled in the uncaptured steps, once for every shape
+            assert "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in r.stdout, r.stdout[-3000:]
     # a capture synchronises by design (not counted: harness pauses the counter for it); the replays must not
     if "train.compile=true" not in overrides:  # nested tensors are given their lengths: no sync to read them back
         assert "host synchronisations inside training steps: 0" in r.stdout, r.stdout[-3000:]
