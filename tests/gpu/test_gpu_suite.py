@@ -292,20 +292,25 @@ def test_step_graphs_train_as_the_eager_steps(tmp_path, tiny_bert):
         assert abs(runs["true"][step] - loss) < 2e-2, (step, loss, runs["true"][step])
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled_layers"])
 @pytest.mark.parametrize("dropout", [0.1, 0.0])
-def test_every_replayed_step_draws_new_dropout_masks_on_cuda(dropout):
+def test_every_replayed_step_draws_new_dropout_masks_on_cuda(dropout, compiled):
     """A captured step must not replay the dropout masks of its capture: at learning rate 0, replays of one batch
     differ only by their masks, so with dropout they differ and without it they agree (SDPA's attention dropout and
-    the hidden dropout both, in bf16 weights as the GPU default trains)."""
+    the hidden dropout both, in bf16 weights as the GPU default trains). `compiled`: the layers compiled first
+    (train.compile_scope=layers), so that the graph holds inductor's dropout, seeded on the device."""
     from transformers import BertConfig, BertForSequenceClassification
 
     from harness.graphs import StepGraphs, graph_backend
+    from harness.modeling import compile_model
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                         num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
                         attn_implementation="sdpa")
     model = BertForSequenceClassification(config).cuda().to(torch.bfloat16).train()
+    if compiled:
+        compile_model(model, "default", "layers")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
 
     def step(batch):
