@@ -132,9 +132,10 @@ class TrainConfig:
     cuda_graphs: bool = False
     """Capture each training step (forward, loss, backward, clipping, optimizer) as a CUDA graph, one per batch
     shape, and replay it (harness.graphs): one launch instead of thousands of operators from the host, which
-    bounds small-batch GPU steps; no compilation. One process on one GPU, train.grad_accum_steps 1, padded
-    batches, not with train.compile; a shape's first 2 steps run eagerly. On CPUs the steps run eagerly. A run may
-    resume with or without it."""
+    bounds small-batch GPU steps. One process on one GPU, train.grad_accum_steps 1, padded batches; a shape's
+    first 2 steps run eagerly. With train.compile the model is compiled in those steps and the graphs hold its
+    kernels (not with the compile modes that record graphs of their own). On CPUs the steps run eagerly. A run
+    may resume with or without it."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for the MFU figure (built in for A100, H100, H200 in bf16)."""
     report_to: Union[str, list[str]] = "tensorboard"
@@ -150,6 +151,11 @@ class TrainConfig:
     null: off (torch's default collective timeout then applies)."""
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint if any; `none`: refuse an existing run; or a checkpoint path."""
+
+    @property
+    def compile_records_graphs(self) -> bool:
+        """train.compile in a mode that records CUDA graphs of its own (`reduce-overhead`, `max-autotune`)."""
+        return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -319,12 +325,12 @@ def validate(cfg: Config) -> None:
     need(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
          f"train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {t.compile_mode!r}")
     need(m.attention_mask in ("auto", "4d", "2d"), f"model.attention_mask must be auto, 4d or 2d, got {m.attention_mask!r}")
-    need(not (m.unpadded and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")),
+    need(not (m.unpadded and t.compile_records_graphs),
          f"model.unpadded with train.compile_mode={t.compile_mode}: the packed length changes with every batch, and "
          f"a CUDA graph would be recorded for each; use compile_mode default or max-autotune-no-cudagraphs")
-    for clash, reason in ((t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"),
+    for clash, reason in ((t.compile_records_graphs,
                            f"train.compile_mode={t.compile_mode}, which records CUDA graphs of its own (a capture cannot "
-                           f"hold another): use compile_mode default"),
+                           f"hold another): use compile_mode default or max-autotune-no-cudagraphs"),
                           (t.grad_accum_steps > 1, "train.grad_accum_steps above 1 (a graph replays a whole optimizer step)"),
                           (m.unpadded, "model.unpadded (the packed length changes with every batch)")):
         need(not (t.cuda_graphs and clash), f"train.cuda_graphs does not go with {reason}")

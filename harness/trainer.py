@@ -285,7 +285,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
         if graphs is not None:
             say(graphs.report())
         if t.compile:
-            say(compile_report(cuda_graphs=t.compile_mode in ("reduce-overhead", "max-autotune")))
+            say(compile_report(cuda_graphs=t.compile_records_graphs))
         log.close()
         stop.uninstall()
         accelerator.end_training()
