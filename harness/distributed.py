@@ -66,6 +66,8 @@ def build_accelerator(grad_accum_steps: int = 1, log_with: list[str] | None = No
     `autocast=False`: none of the launch config's autocast (bf16 weights compute in bf16 by themselves)."""
     if deepspeed_requested() and importlib.util.find_spec("deepspeed") is None:
         raise BadInput("the launch config asks for DeepSpeed, which is not installed: pip install -e '.[deepspeed]'")
+    if deepspeed_requested() and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") != "none":
+        read_deepspeed_json(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])  # Accelerate reads it next, with a traceback
     kwargs: dict = {}
     group: dict = {"timeout": collective_timeout(stall_timeout_s)}
     if not torch.cuda.is_available():
@@ -151,6 +153,9 @@ def check_world_size(saved_world_size: int, saved_sharding: str | None, accelera
 
 
 def read_deepspeed_json(path: str) -> dict:
+    if not os.path.isfile(path):  # a launch config's deepspeed_config_file is read from the current directory
+        where = "" if os.path.isabs(path) else f" (relative to the current directory, {os.getcwd()}: launch from the repository root)"
+        raise BadInput(f"DeepSpeed config file not found: {path}{where}")
     try:
         with open(path) as f:
             return json.load(f)

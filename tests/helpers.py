@@ -80,12 +80,13 @@ def harness(*args: str, procs: int = 1, cwd: Path | None = None, timeout: int = 
 
 
 def launch(config_file: Path, *args: str, procs: int, launch_args: list[str] = (), timeout: int = 600,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file CONFIG_FILE -m harness ARGS` with only the process count and port set."""
+           env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file CONFIG_FILE -m harness ARGS` with only the process count and port set
+    (from the repository root unless `cwd` says otherwise)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
            "--num_processes", str(procs), "--main_process_port", str(free_port()), *launch_args, "-m", "harness", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

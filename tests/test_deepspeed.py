@@ -9,7 +9,7 @@ bf16 autocast, far beyond 1e-4): each run uses a copy of the shipped JSON whose 
 import json
 
 import pytest
-from tests.helpers import REPO, assert_export_matches, assert_same_losses, launch, losses, ok, write_config
+from tests.helpers import REPO, assert_export_matches, assert_same_losses, harness, launch, losses, ok, write_config
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional dependency: pip install -e '.[deepspeed]'")
 pytestmark = pytest.mark.slow
@@ -81,3 +81,17 @@ def test_a_contradicting_deepspeed_json_is_refused_with_exit_2(tmp_path, tiny_mo
     assert r.returncode != 0 and "Traceback" not in r.stderr.split("harness: error:")[0][-2000:]
     assert f"harness: error: {ds_json}: train_micro_batch_size_per_gpu=4 contradicts train.per_device_batch_size=8" in r.stderr
     assert "exitcode  : 2" in r.stderr, "the rank exits 2; the launcher reports it (and exits 1 itself)"
+
+
+def test_a_shipped_deepspeed_launch_config_started_outside_the_repository_says_where_it_looked(tmp_path, tiny_model):
+    """The shipped launch configs name their JSON relative to the repository root, and Accelerate reads it from the
+    current directory: started elsewhere, the rank and `harness plan` exit 2 naming the file and the directory,
+    where Accelerate alone raised a traceback about base64; nothing is written."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "out")
+    expected = f"harness: error: DeepSpeed config file not found: launch_configs/deepspeed/zero2.json (relative to the current directory, {tmp_path}"
+    r = launch(LAUNCH / "deepspeed_zero2.yaml", "train", "--config", str(cfg), procs=1, cwd=tmp_path)
+    assert r.returncode != 0 and expected in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr.split("harness: error:")[0][-2000:] and "exitcode  : 2" in r.stderr
+    assert not (tmp_path / "out").exists()
+    p = harness("plan", "--config", str(cfg), "--launch-config", str(LAUNCH / "deepspeed_zero2.yaml"), cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [expected + ": launch from the repository root)"]
