@@ -11,6 +11,7 @@ from types import MethodType
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from harness.config import ModelConfig
@@ -42,6 +43,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         raise BadInput(f"cannot load tokenizer from '{name_or_path}': {first_line(e)}") from None
 
 
+# what from_pretrained raises for a missing, unreadable or corrupt model (a truncated model.safetensors: SafetensorError)
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
+
+
 def load_model(cfg: ModelConfig, name_or_path: str | None = None):
     """A sequence classifier with id2label from the config; `name_or_path` overrides cfg (a saved run)."""
     source = name_or_path or cfg.name_or_path
@@ -60,7 +65,7 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None):
             if cfg.attn_implementation == "eager" or "attn" not in str(e).lower():
                 raise
             model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager", **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
+    except LOAD_ERRORS as e:
         raise BadInput(f"cannot load model from '{source}': {first_line(e)}") from None
     # What the model's first forward would write into its config (integer labels, at least 2 classes): set here,
     # so that a compiled model's graph is not invalidated by that write after its first step and compiled twice.
@@ -99,7 +104,7 @@ def load_trained(model_dir: str | Path):
     try:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except LOAD_ERRORS as e:
         raise BadInput(f"cannot load model from {model_dir}: {first_line(e)}") from None
     return model, tokenizer
 

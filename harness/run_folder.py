@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from harness.checkpoint import checked_checkpoint, complete_checkpoints, latest_checkpoint
+from harness.checkpoint import checked_checkpoint, latest_checkpoint
 from harness.config import Config
 from harness.errors import BadInput
 
@@ -68,6 +68,12 @@ class RunFolder:
     def is_finished(self) -> bool:
         return (self.final / "config.json").is_file()
 
+    def holds_results(self) -> bool:
+        """Whether a run trained anything here: a logged step, a checkpoint (even unfinished), best/ or final/.
+        A folder without any (a run refused or failed before its first logged step) has nothing to lose."""
+        logged = self.metrics.is_file() and self.metrics.stat().st_size > 0
+        return logged or self.best.exists() or self.final.exists() or (self.checkpoints.is_dir() and any(self.checkpoints.iterdir()))
+
     def decide(self, cfg: Config, warn: Callable[[str], None] = print) -> tuple[str, Optional[Path]]:
         """Read-only look at the folder. Returns (what, checkpoint):
 
@@ -78,7 +84,7 @@ class RunFolder:
         t = cfg.train
         self.check_is_folder()
         explicit = t.resume not in ("auto", "none")
-        has_run = self.config.is_file() or bool(complete_checkpoints(self.root))
+        has_run = self.holds_results()
         if self.config.is_file():
             try:
                 previous = yaml.safe_load(self.config.read_text()) or {}
@@ -87,6 +93,10 @@ class RunFolder:
             if previous is None or _comparable(previous) != _comparable(cfg.to_dict()):
                 if t.overwrite:
                     return "fresh", None
+                if not has_run:  # e.g. the last try stopped at a bad input: its config.yaml is all it left
+                    warn(f"{self.root} holds the config of a run that trained nothing (no logged step, checkpoint or "
+                         "model): this config replaces it")
+                    return ("resume", checked_checkpoint(Path(t.resume))) if explicit else ("fresh", None)
                 changed = "unreadable config.yaml" if previous is None else ", ".join(sorted(
                     f"{s}.{k}" for s, sec in _comparable(cfg.to_dict()).items() for k, v in sec.items()
                     if (previous.get(s) or {}).get(k, object()) != v

@@ -95,6 +95,7 @@ def test_an_output_folder_holding_another_run_is_refused(capsys, monkeypatch, tm
     out.mkdir()
     cfg = write_config(tmp_path / "c.yaml", tiny_model, out)
     (out / "config.yaml").write_text("train:\n  lr: 0.5\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "train/loss": 0.7}\n')  # it trained (a config alone is replaced)
     code, _, err = plan(capsys, "--config", str(cfg))
     assert code == 2 and "holds a run of a different config" in err
 

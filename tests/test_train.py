@@ -130,6 +130,31 @@ def test_bad_data_exits_2_with_one_line_and_no_traceback(tmp_path, tiny_model):
     assert not (tmp_path / "out" / "final").exists()
 
 
+def test_a_corrupt_model_is_one_line_and_the_corrected_command_trains_in_the_same_folder(trained, tmp_path, capsys):
+    """A truncated model.safetensors (a copy cut short) is refused with one line by predict, evaluate and train, which
+    raised safetensors' own error with a traceback before. The refused run left only its config.yaml: the corrected
+    command then trains into that folder instead of calling it a run of another config."""
+    from harness.cli import main
+
+    cfg, out, _ = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "final", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    expected = f"cannot load model from {broken}: Error while deserializing header"
+    assert main(["predict", "--model", str(broken), "text"]) == 2
+    assert main(["evaluate", "--model", str(broken)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(line.startswith(f"harness: error: {expected}") for line in errors), errors
+    run = tmp_path / "run"
+    r = harness("train", "--config", str(cfg), f"model.name_or_path={broken}", f"train.output_dir={run}", "train.max_steps=2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"harness: error: cannot load model from '{broken}': Error while deserializing")
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    r = ok(harness("train", "--config", str(cfg), f"train.output_dir={run}", "train.max_steps=2"))
+    assert "holds the config of a run that trained nothing" in r.stdout and (run / "final" / "config.json").is_file()
+
+
 def test_two_process_training_writes_one_model(tmp_path, tiny_model):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_model, out)
