@@ -132,7 +132,7 @@ def evaluate_saved(model_dir: str | Path, config: str | None = None, overrides=(
     from harness.data import Collator, build_split
     from harness.distributed import build_accelerator
     from harness.errors import BadInput
-    from harness.modeling import load_trained
+    from harness.modeling import check_max_length, load_trained
     from harness.schedule import eval_batch_size
 
     model_dir = Path(model_dir)
@@ -143,6 +143,7 @@ def evaluate_saved(model_dir: str | Path, config: str | None = None, overrides=(
     model, tokenizer = load_trained(model_dir)
     num_labels = model.config.num_labels
     d = cfg.data
+    check_max_length(d.max_length, model, tokenizer)
     output = Path(output) if output is not None else model_dir
     if output.exists() and not output.is_dir():
         raise BadInput(f"evaluate: --output {output} exists and is not a folder")

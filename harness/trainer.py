@@ -28,7 +28,7 @@ from harness.distributed import (StallWatchdog, StopFlag, bf16_master_weights, b
 from harness.errors import BadInput, TrainingDiverged, WriteFailed, first_line
 from harness.evaluation import evaluate
 from harness.graphs import StepGraphs, graph_backend
-from harness.modeling import (FastCpuDropout, MasterWeights, attention_mask_for, build_optimizer, compile_model,
+from harness.modeling import (FastCpuDropout, MasterWeights, attention_mask_for, build_optimizer, check_max_length, compile_model,
                               flops_per_token, linear_schedule, load_model, load_tokenizer, make_unpadded, peak_flops)
 from harness.run_folder import RunFolder, hold_run_folder
 from harness.schedule import Schedule
@@ -81,6 +81,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     total_steps = schedule.total_steps
 
     model = load_model(cfg.model)
+    check_max_length(cfg.data.max_length, model, tokenizer)
     if cfg.model.unpadded:
         make_unpadded(model)  # before any wrapper: Accelerate's autocast wraps this forward
     model_flops = flops_per_token(model)  # read off the bare model, before any wrapper

@@ -155,6 +155,20 @@ def test_a_corrupt_model_is_one_line_and_the_corrected_command_trains_in_the_sam
     assert "holds the config of a run that trained nothing" in r.stdout and (run / "final" / "config.json").is_file()
 
 
+def test_a_max_length_beyond_the_models_positions_is_one_line(trained, tmp_path, capsys):
+    """The tiny model has 128 positions: max_length 256 failed inside the forward at the first long batch (a
+    traceback on the CPU, a device-side assert on a GPU). Now train and evaluate refuse it before any step."""
+    from harness.cli import main
+
+    cfg, out, _ = trained
+    expected = ("harness: error: data.max_length=256 is longer than the model takes (its max_position_embeddings "
+                "is 128): set data.max_length=128 or less")
+    assert main(["evaluate", "--model", str(out / "final"), "data.max_length=256"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected  # after transformers' loading bar
+    r = harness("train", "--config", str(cfg), "data.max_length=256", f"train.output_dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == expected
+
+
 def test_two_process_training_writes_one_model(tmp_path, tiny_model):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_model, out)
