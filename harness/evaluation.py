@@ -143,7 +143,7 @@ def evaluate_saved(model_dir: str | Path, config: str | None = None, overrides=(
     model, tokenizer = load_trained(model_dir)
     num_labels = model.config.num_labels
     d = cfg.data
-    check_max_length(d.max_length, model, tokenizer)
+    check_max_length(d.max_length, model.config, tokenizer)
     output = Path(output) if output is not None else model_dir
     if output.exists() and not output.is_dir():
         raise BadInput(f"evaluate: --output {output} exists and is not a folder")

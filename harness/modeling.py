@@ -73,14 +73,15 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None):
     return model
 
 
-def check_max_length(max_length: int, model: nn.Module, tokenizer) -> None:
+def check_max_length(max_length: int, model_config, tokenizer=None) -> None:
     """data.max_length within what the model takes: longer batches fail deep inside the forward (at the position
     embeddings; on a GPU as a device-side assert). The tokenizer's model_max_length counts where it is set."""
     limits = {}
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = getattr(model_config, "max_position_embeddings", None)
     if isinstance(positions, int):
         limits["its max_position_embeddings"] = positions
-    if isinstance(tokenizer.model_max_length, int) and tokenizer.model_max_length < 1_000_000:  # else: not set
+    known = tokenizer is not None and isinstance(tokenizer.model_max_length, int)
+    if known and tokenizer.model_max_length < 1_000_000:  # else: not set
         limits["its tokenizer's model_max_length"] = tokenizer.model_max_length
     if limits and max_length > min(limits.values()):
         name, limit = min(limits.items(), key=lambda kv: kv[1])

@@ -81,7 +81,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     total_steps = schedule.total_steps
 
     model = load_model(cfg.model)
-    check_max_length(cfg.data.max_length, model, tokenizer)
+    check_max_length(cfg.data.max_length, model.config, tokenizer)
     if cfg.model.unpadded:
         make_unpadded(model)  # before any wrapper: Accelerate's autocast wraps this forward
     model_flops = flops_per_token(model)  # read off the bare model, before any wrapper

@@ -157,7 +157,7 @@ def test_a_corrupt_model_is_one_line_and_the_corrected_command_trains_in_the_sam
 
 def test_a_max_length_beyond_the_models_positions_is_one_line(trained, tmp_path, capsys):
     """The tiny model has 128 positions: max_length 256 failed inside the forward at the first long batch (a
-    traceback on the CPU, a device-side assert on a GPU). Now train and evaluate refuse it before any step."""
+    traceback on the CPU, a device-side assert on a GPU). Now train, evaluate and plan refuse it before any step."""
     from harness.cli import main
 
     cfg, out, _ = trained
@@ -167,6 +167,10 @@ def test_a_max_length_beyond_the_models_positions_is_one_line(trained, tmp_path,
     assert capsys.readouterr().err.strip().splitlines()[-1] == expected  # after transformers' loading bar
     r = harness("train", "--config", str(cfg), "data.max_length=256", f"train.output_dir={tmp_path / 'run'}")
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == expected
+    run = f"train.output_dir={tmp_path / 'run'}"
+    assert main(["plan", "--config", str(cfg), "data.max_length=256", run]) == 2  # before any GPU is spent
+    assert capsys.readouterr().err.strip() == expected
+    assert main(["plan", "--config", str(cfg), "data.max_length=128", run]) == 0
 
 
 def test_two_process_training_writes_one_model(tmp_path, tiny_model):
