@@ -154,7 +154,8 @@ def check_world_size(saved_world_size: int, saved_sharding: str | None, accelera
 
 def read_deepspeed_json(path: str) -> dict:
     if not os.path.isfile(path):  # a launch config's deepspeed_config_file is read from the current directory
-        where = "" if os.path.isabs(path) else f" (relative to the current directory, {os.getcwd()}: launch from the repository root)"
+        where = "" if os.path.isabs(path) else (f" (relative to the current directory, {os.getcwd()}: "
+                                                 "launch from the repository root)")
         raise BadInput(f"DeepSpeed config file not found: {path}{where}")
     try:
         with open(path) as f:

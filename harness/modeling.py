@@ -9,9 +9,9 @@ from pathlib import Path
 from types import MethodType
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from harness.config import ModelConfig

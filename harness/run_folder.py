@@ -72,7 +72,8 @@ class RunFolder:
         """Whether a run trained anything here: a logged step, a checkpoint (even unfinished), best/ or final/.
         A folder without any (a run refused or failed before its first logged step) has nothing to lose."""
         logged = self.metrics.is_file() and self.metrics.stat().st_size > 0
-        return logged or self.best.exists() or self.final.exists() or (self.checkpoints.is_dir() and any(self.checkpoints.iterdir()))
+        checkpoint = self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
+        return logged or checkpoint or self.best.exists() or self.final.exists()
 
     def decide(self, cfg: Config, warn: Callable[[str], None] = print) -> tuple[str, Optional[Path]]:
         """Read-only look at the folder. Returns (what, checkpoint):
@@ -90,13 +91,13 @@ class RunFolder:
                 previous = yaml.safe_load(self.config.read_text()) or {}
             except yaml.YAMLError:
                 previous = None
-            if previous is None or _comparable(previous) != _comparable(cfg.to_dict()):
-                if t.overwrite:
-                    return "fresh", None
-                if not has_run:  # e.g. the last try stopped at a bad input: its config.yaml is all it left
-                    warn(f"{self.root} holds the config of a run that trained nothing (no logged step, checkpoint or "
-                         "model): this config replaces it")
-                    return ("resume", checked_checkpoint(Path(t.resume))) if explicit else ("fresh", None)
+            differs = previous is None or _comparable(previous) != _comparable(cfg.to_dict())
+            if differs and t.overwrite:
+                return "fresh", None
+            if differs and not has_run:  # e.g. the last try stopped at a bad input: its config.yaml is all it left
+                warn(f"{self.root} holds the config of a run that trained nothing (no logged step, checkpoint or "
+                     "model): this config replaces it")
+            elif differs:
                 changed = "unreadable config.yaml" if previous is None else ", ".join(sorted(
                     f"{s}.{k}" for s, sec in _comparable(cfg.to_dict()).items() for k, v in sec.items()
                     if (previous.get(s) or {}).get(k, object()) != v

@@ -28,8 +28,9 @@ from harness.distributed import (StallWatchdog, StopFlag, bf16_master_weights, b
 from harness.errors import BadInput, TrainingDiverged, WriteFailed, first_line
 from harness.evaluation import evaluate
 from harness.graphs import StepGraphs, graph_backend
-from harness.modeling import (FastCpuDropout, MasterWeights, attention_mask_for, build_optimizer, check_max_length, compile_model,
-                              flops_per_token, linear_schedule, load_model, load_tokenizer, make_unpadded, peak_flops)
+from harness.modeling import (FastCpuDropout, MasterWeights, attention_mask_for, build_optimizer, check_max_length,
+                              compile_model, flops_per_token, linear_schedule, load_model, load_tokenizer, make_unpadded,
+                              peak_flops)
 from harness.run_folder import RunFolder, hold_run_folder
 from harness.schedule import Schedule
 from harness.tracking import DtypeProbe, MetricsLog, NonFiniteGuard, SyncWatch, Throughput, compile_report, trackers

@@ -88,7 +88,8 @@ def test_a_shipped_deepspeed_launch_config_started_outside_the_repository_says_w
     current directory: started elsewhere, the rank and `harness plan` exit 2 naming the file and the directory,
     where Accelerate alone raised a traceback about base64; nothing is written."""
     cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "out")
-    expected = f"harness: error: DeepSpeed config file not found: launch_configs/deepspeed/zero2.json (relative to the current directory, {tmp_path}"
+    expected = ("harness: error: DeepSpeed config file not found: launch_configs/deepspeed/zero2.json "
+                f"(relative to the current directory, {tmp_path}")
     r = launch(LAUNCH / "deepspeed_zero2.yaml", "train", "--config", str(cfg), procs=1, cwd=tmp_path)
     assert r.returncode != 0 and expected in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr.split("harness: error:")[0][-2000:] and "exitcode  : 2" in r.stderr

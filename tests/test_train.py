@@ -147,9 +147,11 @@ def test_a_corrupt_model_is_one_line_and_the_corrected_command_trains_in_the_sam
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and all(line.startswith(f"harness: error: {expected}") for line in errors), errors
     run = tmp_path / "run"
-    r = harness("train", "--config", str(cfg), f"model.name_or_path={broken}", f"train.output_dir={run}", "train.max_steps=2")
+    r = harness("train", "--config", str(cfg), f"model.name_or_path={broken}", f"train.output_dir={run}",
+                "train.max_steps=2")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(f"harness: error: cannot load model from '{broken}': Error while deserializing")
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"harness: error: cannot load model from '{broken}': Error while deserializing")
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
     r = ok(harness("train", "--config", str(cfg), f"train.output_dir={run}", "train.max_steps=2"))
     assert "holds the config of a run that trained nothing" in r.stdout and (run / "final" / "config.json").is_file()
