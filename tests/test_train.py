@@ -167,9 +167,9 @@ def test_a_max_length_beyond_the_models_positions_is_one_line(trained, tmp_path,
                 "is 128): set data.max_length=128 or less")
     assert main(["evaluate", "--model", str(out / "final"), "data.max_length=256"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == expected  # after transformers' loading bar
-    r = harness("train", "--config", str(cfg), "data.max_length=256", f"train.output_dir={tmp_path / 'run'}")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == expected
     run = f"train.output_dir={tmp_path / 'run'}"
+    r = harness("train", "--config", str(cfg), "data.max_length=256", run)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == expected
     assert main(["plan", "--config", str(cfg), "data.max_length=256", run]) == 2  # before any GPU is spent
     assert capsys.readouterr().err.strip() == expected
     assert main(["plan", "--config", str(cfg), "data.max_length=128", run]) == 0
