@@ -42,12 +42,15 @@ def test_package_model_paths_resolve_or_say_what_to_install():
 
 def test_schedule_is_sized_for_two_processes_and_accumulation_two(tmp_path, tiny_model):
     """70 examples, batch 4 x accumulation 2 x 2 ranks = 16 per step: 5 optimizer steps an epoch, and the
-    learning rate reaches exactly 0 at the last one (a prepared scheduler stepping per process would not)."""
+    learning rate reaches exactly 0 at the last one (a prepared scheduler stepping per process would not).
+    Only the main process writes: one metrics line per step, one TensorBoard run, one model."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_model, out,
                        data={"train_samples": 70}, train={"epochs": 2, "grad_accum_steps": 2, "warmup_steps": 2})
     r = ok(harness("train", "--config", str(cfg), procs=2))
     assert "2 process(es) x batch 4 x accumulation 2 = 16 per step; 5 steps/epoch, 10 steps" in r.stdout
+    assert r.stdout.count("saved ") == 1
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "final.tmp").exists()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/lr" in r]
     assert [r["step"] for r in train] == list(range(1, 11)), "one record per optimizer step, from one writer"

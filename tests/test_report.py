@@ -9,22 +9,21 @@ import sys
 import pytest
 
 from harness.cli import main
-from tests.helpers import harness, ok, write_config
+from tests.helpers import harness, ok
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, ddp_ten_steps, tiny_model):
-    _, ddp = ddp_ten_steps
+def two_runs(tmp_path_factory, ddp_ten_steps):
+    ddp_cfg, ddp = ddp_ten_steps
     tmp_path = tmp_path_factory.mktemp("report")
     finished = tmp_path / "ddp-lr3e-3"
     shutil.copytree(ddp, finished)
     ok(harness("evaluate", "--model", str(finished / "final")))
     unfinished = tmp_path / "lr1e-3"
-    cfg = write_config(tmp_path / "c.yaml", tiny_model, unfinished,
-                       data={"train_samples": 48}, train={"max_steps": 10, "lr": 1e-3, "eval_every": 5})
-    ok(harness("train", "--config", str(cfg)))
+    # the DDP run's recipe (its model included) with another learning rate and evaluation interval
+    ok(harness("train", "--config", str(ddp_cfg), f"train.output_dir={unfinished}", "train.lr=1e-3", "train.eval_every=5"))
     shutil.rmtree(unfinished / "final")  # as if preempted after its last evaluation
     return finished, unfinished
 

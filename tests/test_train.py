@@ -175,15 +175,6 @@ def test_a_max_length_beyond_the_models_positions_is_one_line(trained, tmp_path,
     assert main(["plan", "--config", str(cfg), "data.max_length=128", run]) == 0
 
 
-def test_two_process_training_writes_one_model(tmp_path, tiny_model):
-    out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", tiny_model, out)
-    r = ok(harness("train", "--config", str(cfg), procs=2))
-    assert "2 process(es)" in r.stdout, "the launch really started two ranks"
-    assert r.stdout.count("saved ") == 1
-    assert (out / "final" / "model.safetensors").is_file() and not (out / "final.tmp").exists()
-
-
 def test_early_stopping_keeps_the_best_model_in_final_and_resumes_with_its_count(tmp_path, tiny_model):
     """lr 1e-9: eval accuracy stays flat (the loss moves in its last digits, up or down with the dropout masks
     drawn), so with min_delta 0.01 and patience 2 the evaluations at steps 4 and 6 bring no improvement and the
