@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from harness.config import ModelConfig
 from harness.errors import BadInput, first_line
@@ -71,6 +71,15 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None):
     # so that a compiled model's graph is not invalidated by that write after its first step and compiled twice.
     model.config.problem_type = "single_label_classification"
     return model
+
+
+def load_model_config(cfg: ModelConfig):
+    """The configured model's config.json alone (no weights): what it takes, read before any data is tokenized."""
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path), num_labels=cfg.num_labels,
+                                          trust_remote_code=cfg.trust_remote_code)
+    except LOAD_ERRORS as e:
+        raise BadInput(f"cannot load model from '{cfg.name_or_path}': {first_line(e)}") from None
 
 
 def check_max_length(max_length: int, model_config, tokenizer=None) -> None:

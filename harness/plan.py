@@ -120,18 +120,15 @@ def split_size(cfg: Config, split: str, requested: Optional[int]) -> tuple[int, 
 def model_shape_offline(cfg: Config) -> Optional[tuple[int, int, int, int]]:
     """harness.modeling.model_shape of the configured model, built on the meta device (no weights), or None
     where its config cannot be read here (offline, no cache). Refuses a data.max_length the model cannot take."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from harness.modeling import check_max_length, load_model_config, model_shape
+
     try:
-        import torch
-        from transformers import AutoConfig, AutoModelForSequenceClassification
-
-        from harness.modeling import model_shape, resolve_model_path
-
-        mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path), num_labels=cfg.model.num_labels,
-                                        trust_remote_code=cfg.model.trust_remote_code)
-    except Exception:  # offline without a cached config: the estimate is optional
+        mc = load_model_config(cfg.model)
+    except BadInput:  # offline without a cached config: the estimate is optional
         return None
-    from harness.modeling import check_max_length
-
     check_max_length(cfg.data.max_length, mc)
     try:
         with torch.device("meta"):

@@ -159,7 +159,8 @@ def test_a_corrupt_model_is_one_line_and_the_corrected_command_trains_in_the_sam
 
 def test_a_max_length_beyond_the_models_positions_is_one_line(trained, tmp_path, capsys):
     """The tiny model has 128 positions: max_length 256 failed inside the forward at the first long batch (a
-    traceback on the CPU, a device-side assert on a GPU). Now train, evaluate and plan refuse it before any step."""
+    traceback on the CPU, a device-side assert on a GPU). Now train, evaluate and plan refuse it before any step;
+    train from the model's config alone, before it tokenizes the data."""
     from harness.cli import main
 
     cfg, out, _ = trained
@@ -170,6 +171,7 @@ def test_a_max_length_beyond_the_models_positions_is_one_line(trained, tmp_path,
     run = f"train.output_dir={tmp_path / 'run'}"
     r = harness("train", "--config", str(cfg), "data.max_length=256", run)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == expected
+    assert "tokenizing" not in r.stderr and "Loading weights" not in r.stderr
     assert main(["plan", "--config", str(cfg), "data.max_length=256", run]) == 2  # before any GPU is spent
     assert capsys.readouterr().err.strip() == expected
     assert main(["plan", "--config", str(cfg), "data.max_length=128", run]) == 0
