@@ -9,7 +9,7 @@ from pathlib import Path
 from types import MethodType
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -80,6 +80,19 @@ def load_model_config(cfg: ModelConfig):
                                           trust_remote_code=cfg.trust_remote_code)
     except LOAD_ERRORS as e:
         raise BadInput(f"cannot load model from '{cfg.name_or_path}': {first_line(e)}") from None
+
+
+def check_weight_files(cfg: ModelConfig) -> None:
+    """Refuse a local model whose safetensors files are cut short or corrupt, from their headers alone (a header
+    names every tensor's byte range, and a file that does not cover them fails to open): before the data is
+    tokenized, and in `harness plan`, rather than when the weights load. Hub ids are left to the loader."""
+    folder = Path(resolve_model_path(cfg.name_or_path))
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise BadInput(f"cannot load model from '{cfg.name_or_path}': {path.name}: {first_line(e)}") from None
 
 
 def check_max_length(max_length: int, model_config, tokenizer=None) -> None:

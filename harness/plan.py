@@ -119,17 +119,19 @@ def split_size(cfg: Config, split: str, requested: Optional[int]) -> tuple[int, 
 
 def model_shape_offline(cfg: Config) -> Optional[tuple[int, int, int, int]]:
     """harness.modeling.model_shape of the configured model, built on the meta device (no weights), or None
-    where its config cannot be read here (offline, no cache). Refuses a data.max_length the model cannot take."""
+    where its config cannot be read here (offline, no cache). Refuses a data.max_length the model cannot take and
+    weight files cut short."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from harness.modeling import check_max_length, load_model_config, model_shape
+    from harness.modeling import check_max_length, check_weight_files, load_model_config, model_shape
 
     try:
         mc = load_model_config(cfg.model)
     except BadInput:  # offline without a cached config: the estimate is optional
         return None
     check_max_length(cfg.data.max_length, mc)
+    check_weight_files(cfg.model)
     try:
         with torch.device("meta"):
             return model_shape(AutoModelForSequenceClassification.from_config(mc))

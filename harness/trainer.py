@@ -29,8 +29,8 @@ from harness.errors import BadInput, TrainingDiverged, WriteFailed, first_line
 from harness.evaluation import evaluate
 from harness.graphs import StepGraphs, graph_backend
 from harness.modeling import (FastCpuDropout, MasterWeights, attention_mask_for, build_optimizer, check_max_length,
-                              compile_model, flops_per_token, linear_schedule, load_model, load_model_config,
-                              load_tokenizer, make_unpadded, peak_flops)
+                              check_weight_files, compile_model, flops_per_token, linear_schedule, load_model,
+                              load_model_config, load_tokenizer, make_unpadded, peak_flops)
 from harness.run_folder import RunFolder, hold_run_folder
 from harness.schedule import Schedule
 from harness.tracking import DtypeProbe, MetricsLog, NonFiniteGuard, SyncWatch, Throughput, compile_report, trackers
@@ -71,7 +71,9 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    check_max_length(cfg.data.max_length, load_model_config(cfg.model), tokenizer)  # before the tokenizing, not after
+    # what the model's files say against the config, before the tokenizing (the weights load after it)
+    check_max_length(cfg.data.max_length, load_model_config(cfg.model), tokenizer)
+    check_weight_files(cfg.model)
     train_ds, eval_ds, sampler, train_dl, eval_dl = training_data(cfg, tokenizer, accelerator)
 
     # Where to start, and the schedule in optimizer steps for this world size and accumulation.

@@ -131,27 +131,31 @@ def test_bad_data_exits_2_with_one_line_and_no_traceback(tmp_path, tiny_model):
 
 
 def test_a_corrupt_model_is_one_line_and_the_corrected_command_trains_in_the_same_folder(trained, tmp_path, capsys):
-    """A truncated model.safetensors (a copy cut short) is refused with one line by predict, evaluate and train, which
-    raised safetensors' own error with a traceback before. The refused run left only its config.yaml: the corrected
-    command then trains into that folder instead of calling it a run of another config."""
+    """A model.safetensors cut short (a copy that stopped at 90%) is refused with one line by predict, evaluate and
+    train, which raised safetensors' own error with a traceback before; train and plan refuse it from the file's
+    header, before anything is tokenized. The refused run left only its config.yaml: the corrected command then
+    trains into that folder instead of calling it a run of another config."""
     from harness.cli import main
 
     cfg, out, _ = trained
     broken = tmp_path / "broken"
     shutil.copytree(out / "final", broken)
     weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    expected = f"cannot load model from {broken}: Error while deserializing header"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size * 9 // 10])
+    expected = f"cannot load model from {broken}: Error while deserializing header: incomplete metadata"
     assert main(["predict", "--model", str(broken), "text"]) == 2
     assert main(["evaluate", "--model", str(broken)]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and all(line.startswith(f"harness: error: {expected}") for line in errors), errors
     run = tmp_path / "run"
-    r = harness("train", "--config", str(cfg), f"model.name_or_path={broken}", f"train.output_dir={run}",
-                "train.max_steps=2")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"harness: error: cannot load model from '{broken}': Error while deserializing")
+    args = ["--config", str(cfg), f"model.name_or_path={broken}", f"train.output_dir={run}", "train.max_steps=2"]
+    expected = (f"harness: error: cannot load model from '{broken}': model.safetensors: Error while deserializing "
+                f"header: incomplete metadata, file not fully covered")
+    assert main(["plan", *args]) == 2
+    assert capsys.readouterr().err.strip() == expected
+    r = harness("train", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == expected
+    assert "tokenizing" not in r.stderr
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
     r = ok(harness("train", "--config", str(cfg), f"train.output_dir={run}", "train.max_steps=2"))
     assert "holds the config of a run that trained nothing" in r.stdout and (run / "final" / "config.json").is_file()
