@@ -119,17 +119,20 @@ def split_size(cfg: Config, split: str, requested: Optional[int]) -> tuple[int, 
 
 def model_shape_offline(cfg: Config) -> Optional[tuple[int, int, int, int]]:
     """harness.modeling.model_shape of the configured model, built on the meta device (no weights), or None
-    where its config cannot be read here (offline, no cache). Refuses a data.max_length the model cannot take and
-    weight files cut short."""
+    where a hub model's config cannot be read here (offline, no cache). Refuses a local model folder whose config
+    cannot be read, weight files cut short and a data.max_length the model cannot take."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from harness.modeling import check_max_length, check_weight_files, load_model_config, model_shape
+    from harness.modeling import (check_max_length, check_weight_files, load_model_config, model_shape,
+                                  resolve_model_path)
 
     try:
         mc = load_model_config(cfg.model)
-    except BadInput:  # offline without a cached config: the estimate is optional
-        return None
+    except BadInput:
+        if Path(resolve_model_path(cfg.model.name_or_path)).is_dir():
+            raise  # a local model folder that cannot be read: the job would stop on it too
+        return None  # a hub id, offline without a cached config: the estimate is optional
     check_max_length(cfg.data.max_length, mc)
     check_weight_files(cfg.model)
     try:

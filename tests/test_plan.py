@@ -100,6 +100,21 @@ def test_an_output_folder_holding_another_run_is_refused(capsys, monkeypatch, tm
     assert code == 2 and "holds a run of a different config" in err
 
 
+def test_a_local_model_whose_config_cannot_be_read_is_refused(capsys, monkeypatch, tmp_path, tiny_model):
+    """A hub model offline and uncached only loses the FLOP estimate; a local folder with a broken config.json
+    is the user's file, which the job would stop on: plan said nothing of it before."""
+    import shutil
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "config.json").write_text('{"model_type": "bert", "hidden_size": ')
+    cfg = write_config(tmp_path / "c.yaml", model, tmp_path / "out")
+    code, _, err = plan(capsys, "--config", str(cfg))
+    assert code == 2 and err.startswith(f"harness: error: cannot load model from '{model}': ") and len(err.splitlines()) == 1
+
+
 def test_an_unreachable_hub_dataset_says_how_to_plan_without_it(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     code, _, err = plan(capsys, "--config", "configs/bert_base_imdb.yaml")
