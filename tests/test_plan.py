@@ -1,6 +1,7 @@
 """`harness plan`: sizes, steps and the resolved DeepSpeed config without starting anything."""
 
 import json
+import shutil
 
 import pytest
 
@@ -103,8 +104,6 @@ def test_an_output_folder_holding_another_run_is_refused(capsys, monkeypatch, tm
 def test_a_local_model_whose_config_cannot_be_read_is_refused(capsys, monkeypatch, tmp_path, tiny_model):
     """A hub model offline and uncached only loses the FLOP estimate; a local folder with a broken config.json
     is the user's file, which the job would stop on: plan said nothing of it before."""
-    import shutil
-
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     model = tmp_path / "model"
@@ -112,7 +111,8 @@ def test_a_local_model_whose_config_cannot_be_read_is_refused(capsys, monkeypatc
     (model / "config.json").write_text('{"model_type": "bert", "hidden_size": ')
     cfg = write_config(tmp_path / "c.yaml", model, tmp_path / "out")
     code, _, err = plan(capsys, "--config", str(cfg))
-    assert code == 2 and err.startswith(f"harness: error: cannot load model from '{model}': ") and len(err.splitlines()) == 1
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"harness: error: cannot load model from '{model}': ")
 
 
 def test_an_unreachable_hub_dataset_says_how_to_plan_without_it(capsys, monkeypatch):

@@ -23,7 +23,8 @@ def two_runs(tmp_path_factory, ddp_ten_steps):
     ok(harness("evaluate", "--model", str(finished / "final")))
     unfinished = tmp_path / "lr1e-3"
     # the DDP run's recipe (its model included) with another learning rate and evaluation interval
-    ok(harness("train", "--config", str(ddp_cfg), f"train.output_dir={unfinished}", "train.lr=1e-3", "train.eval_every=5"))
+    ok(harness("train", "--config", str(ddp_cfg), f"train.output_dir={unfinished}", "train.lr=1e-3",
+               "train.eval_every=5"))
     shutil.rmtree(unfinished / "final")  # as if preempted after its last evaluation
     return finished, unfinished
 
