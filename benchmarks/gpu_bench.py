@@ -58,10 +58,14 @@ def reuse_or_build_assets(root: Path, examples: int, model: dict | None = None) 
 
 
 # What each variant changes from harness's defaults (data.pad_multiple=auto: 64 on GPUs; the 4D SDPA mask;
-# train.bf16_mode=auto: bf16 weights with fp32 master weights on GPUs).
+# train.bf16_mode=auto: bf16 weights with fp32 master weights on GPUs; train.cuda_graphs=auto: since the twelfth
+# session, whole steps replayed as CUDA graphs on one GPU where they apply, so `default` has them and the variants
+# that do not say false too, except where their settings exclude them: unpadded, grad accumulation, compile modes
+# that record graphs, a whole compiled model).
 VARIANTS = {
     "v0.1": ["data.pad_multiple=8", "model.attention_mask=2d", "train.bf16_mode=autocast",  # how harness 0.1 ran
-             "train.cpu_dropout=torch"],
+             "train.cpu_dropout=torch", "train.cuda_graphs=false"],
+    "eager": ["train.cuda_graphs=false"],  # the default until the twelfth session: every step launched by the host
     "pad8": ["data.pad_multiple=8"],  # the 4D mask, but up to 64 padded lengths
     "mask2d": ["model.attention_mask=2d"],  # buckets, but transformers' host-side mask check
     "default": [],

@@ -14,10 +14,12 @@ max allocated on a GPU) and each ratio against the seed recipe.
 - seed:    Trainer, `padding="max_length"` (every review padded to max_length), fp32.
 - trainer: Trainer, DataCollatorWithPadding, train_sampling_strategy="group_by_length", bf16.
 - harness: `harness train` as shipped (length-grouped batches, dynamic padding to `data.pad_multiple`: 64 on
-  GPUs, 8 on CPUs; the 4D SDPA mask on GPUs; bf16 weights with fp32 masters on GPUs, bf16 autocast and
-  harness's dropout (train.cpu_dropout=fast) on CPUs), logging every 10 steps.
-- harness_v01 (not run by default): the same with harness 0.1's padding to multiples of 8, 2D mask, autocast and
-  torch's dropout.
+  GPUs, 8 on CPUs; the 4D SDPA mask on GPUs; bf16 weights with fp32 masters and whole steps replayed as CUDA
+  graphs (train.cuda_graphs=auto) on one GPU, bf16 autocast and harness's dropout (train.cpu_dropout=fast) on
+  CPUs), logging every 10 steps. Its CUDA graphs are captured in a shape's third step: on GPUs give --warmup.
+- harness_v01 (not run by default): the same with harness 0.1's padding to multiples of 8, 2D mask, autocast,
+  torch's dropout and eager steps.
+- harness_eager: harness with eager steps (`train.cuda_graphs=false`; the same as harness on CPUs).
 - harness_VARIANT (not run by default): harness with the overrides of benchmarks/gpu_bench.py's VARIANT, e.g.
   harness_master (`train.bf16_mode=master_weights`), harness_unpadded (`model.unpadded=true`),
   harness_cudagraphs_layers (each encoder layer compiled with CUDA graphs), harness_step_graphs (whole steps
@@ -145,7 +147,7 @@ def run_harness(args, extra: list[str] = ()) -> dict:
     train(cfg)
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
     # each record covers the steps since the previous one: its duration, real and padded tokens come back from its rates
-    batches, elapsed, previous = [], 0.0, 0
+    batches, elapsed, previous, timed_steps = [], 0.0, 0, 0
     for r in records:
         steps, previous = r["step"] - previous, r["step"]
         if r["step"] <= warmup:
@@ -153,11 +155,12 @@ def run_harness(args, extra: list[str] = ()) -> dict:
         dt = steps * args.batch / r["train/samples_per_s"]
         real = r["train/tokens_per_s"] * dt
         batches.append((real, real / (1 - r["train/padding_fraction"]), steps * args.batch))
-        elapsed += dt
-    return summarize(batches, elapsed)
+        elapsed, timed_steps = elapsed + dt, timed_steps + steps
+    return summarize(batches, elapsed, timed_steps)
 
 
-def summarize(batches, elapsed: float) -> dict:
+def summarize(batches, elapsed: float, steps: int | None = None) -> dict:
+    """`batches`: (real tokens, padded tokens, samples) per step, or per log window with `steps` the steps timed."""
     import torch
 
     from harness.tracking import peak_memory_mb
@@ -166,7 +169,7 @@ def summarize(batches, elapsed: float) -> dict:
     padded = sum(b[1] for b in batches)
     samples = sum(b[2] for b in batches)
     return {"samples_per_s": samples / elapsed, "tokens_per_s": real / elapsed, "padding_fraction": 1 - real / padded,
-            "peak_mem_mb": peak_memory_mb(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "timed_steps": len(batches), "seconds": elapsed}
+            "peak_mem_mb": peak_memory_mb(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "timed_steps": len(batches) if steps is None else steps, "seconds": elapsed}
 
 
 # ---------------------------------------------------------------- parent: interleave, then tabulate

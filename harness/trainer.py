@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from harness.checkpoint import Progress, copy_model, latest_checkpoint, read_progress, save_checkpoint, save_model
-from harness.config import BEST_METRICS, Config
+from harness.config import BEST_METRICS, Config, cuda_graph_clash
 from harness.data import training_data
 from harness.distributed import (StallWatchdog, StopFlag, bf16_master_weights, build_accelerator, check_world_size,
                                  collective_timeout, configure_deepspeed, configure_fsdp, record_deepspeed_config, sharding)
@@ -188,9 +188,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
         optimizer.zero_grad(set_to_none=True)
         return loss, norm
 
-    graphs = None
-    if t.cuda_graphs:
-        graphs = step_graphs(accelerator, model, training_step, optimizer, attn, cfg.model.attention_mask, say, watch)
+    graphs = step_graphs(accelerator, model, training_step, optimizer, attn, cfg, say, watch)
     newest_good = functools.partial(latest_checkpoint, run.root, warn=lambda message: None)
     step, last_eval_step, metrics = state.step, -1, {}
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
@@ -303,19 +301,37 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
-def step_graphs(accelerator, model, training_step, optimizer, attn: str, mask_format: str, say,
+def step_graphs(accelerator, model, training_step, optimizer, attn: str, cfg: Config, say,
                 watch: SyncWatch) -> StepGraphs | None:
-    """train.cuda_graphs: the steps as CUDA graphs where that is possible; refused (exit 2) where it cannot be."""
+    """train.cuda_graphs: the steps as CUDA graphs where that is possible. `true` refuses (exit 2) a launch
+    where it cannot be; `auto` runs eagerly there, saying why on a GPU, and silently on CPUs."""
+    t = cfg.train
+    if t.cuda_graphs is False:
+        return None
+    launch = None  # (why, the refusal of `true`)
     if accelerator.num_processes > 1 or sharding(accelerator):
-        raise BadInput("train.cuda_graphs runs one process without DeepSpeed or FSDP: launch it with "
-                       "launch_configs/accelerate/single_gpu.yaml (or none)")
-    if attn != "sdpa" or mask_format == "2d":  # transformers' mask check reads the GPU, which a capture forbids
-        raise BadInput(f"train.cuda_graphs needs SDPA attention with a 4D mask (model.attention_mask auto or 4d); "
-                       f"this model runs {attn} attention with model.attention_mask={mask_format}")
+        launch = (f"{sharding(accelerator) or f'{accelerator.num_processes} processes'}: graphs of whole steps are "
+                  f"for one process without DeepSpeed or FSDP",
+                  "train.cuda_graphs runs one process without DeepSpeed or FSDP: launch it with "
+                  "launch_configs/accelerate/single_gpu.yaml (or none)")
+    elif attn != "sdpa" or cfg.model.attention_mask == "2d":  # transformers' mask check reads the GPU
+        launch = (f"{attn} attention with model.attention_mask={cfg.model.attention_mask}: graphs need SDPA with a 4D mask",
+                  f"train.cuda_graphs needs SDPA attention with a 4D mask (model.attention_mask auto or 4d); "
+                  f"this model runs {attn} attention with model.attention_mask={cfg.model.attention_mask}")
+    if launch and t.cuda_graphs is True:
+        raise BadInput(launch[1])
     new_graph = graph_backend(accelerator.device)
     if new_graph is None:
-        say(f"train.cuda_graphs: no CUDA device ({accelerator.device.type}), the steps run eagerly")
+        if t.cuda_graphs is True:
+            say(f"train.cuda_graphs: no CUDA device ({accelerator.device.type}), the steps run eagerly")
         return None
+    if t.cuda_graphs == "auto":  # what `true` would have refused, and a whole compiled model (not run on a GPU)
+        why = (launch and launch[0]) or cuda_graph_clash(cfg.model, t) or (
+            "train.compile_scope=model: captures of a whole compiled model have not run on a GPU; "
+            "train.cuda_graphs=true asks for them" if t.compile and t.compile_scope == "model" else None)
+        if why:
+            say(f"train.cuda_graphs=auto: the steps run eagerly ({why})")
+            return None
 
     def reset() -> None:  # the gradients a failed capture may have left (the fp32 masters' and the model's)
         optimizer.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from harness import trainer
 from harness.config import load_config
+from harness.errors import BadInput
 from harness.graphs import StepGraphs
 from tests.graph_tape import TapeGraph, _Recorder
 from tests.helpers import harness, losses, ok, write_config
@@ -164,7 +165,7 @@ def test_every_replay_draws_new_dropout_masks(dropout):
         assert all(torch.equal(x, losses_seen[0]) for x in replayed), losses_seen
 
 
-def graph_run(tmp_path, tiny_model, name: str, monkeypatch, cuda_graphs: bool, capture: bool = True, data=None, **train):
+def graph_run(tmp_path, tiny_model, name: str, monkeypatch, cuda_graphs, capture: bool = True, data=None, **train):
     """`harness train` in this process, its graphs the CPU stand-in (CI has no CUDA); `capture=False`: the loop of
     train.cuda_graphs (the learning rate a tensor) with every step eager."""
     monkeypatch.setattr(trainer, "graph_backend", lambda device: TapeGraph)
@@ -272,6 +273,53 @@ def test_compiled_layers_are_captured_compiled_and_train_as_uncaptured(tmp_path,
 
     weights, same_loop = (load_file(run / "final" / "model.safetensors") for run in (runs["graphs"], runs["uncaptured"]))
     assert all(torch.equal(weights[k], same_loop[k]) for k in weights)
+
+
+def test_auto_captures_one_process_runs_and_steps_eagerly_where_graphs_cannot_apply(tmp_path, tiny_model, monkeypatch,
+                                                                                    capfd):
+    """train.cuda_graphs=auto (the default) where a CUDA graph backend exists (here the stand-in): the run is
+    captured as with `true`, the same losses; with a setting that `true` refuses, or the 2D mask, the steps run
+    eagerly with the reason printed, where `true` exits 2."""
+    _, explicit = graph_run(tmp_path, tiny_model, "true", monkeypatch, cuda_graphs=True)
+    capfd.readouterr()
+    _, auto = graph_run(tmp_path, tiny_model, "auto", monkeypatch, cuda_graphs="auto")
+    out = capfd.readouterr().out
+    assert re.search(r"CUDA graphs: [1-9]\d* captured", out), out[-2000:]
+    assert losses(auto) == losses(explicit)
+    for name, settings, reason in (
+            ("accum", {"grad_accum_steps": 2}, "train.grad_accum_steps above 1"),
+            ("mask2d", {}, "sdpa attention with model.attention_mask=2d: graphs need SDPA with a 4D mask")):
+        model = {"attention_mask": "2d"} if name == "mask2d" else {}
+        monkeypatch.setattr(trainer, "graph_backend", lambda device: TapeGraph)
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_model, tmp_path / name, model=model,
+                           data={"train_samples": 48, "max_length": 24}, train={"max_steps": 4, **settings})
+        capfd.readouterr()
+        trainer.train(load_config(cfg, []))
+        out = capfd.readouterr().out
+        assert f"train.cuda_graphs=auto: the steps run eagerly ({reason}" in out, out[-2000:]
+        assert "CUDA graphs:" not in out and (tmp_path / name / "final" / "model.safetensors").is_file()
+        with pytest.raises(BadInput, match="train.cuda_graphs (does not go with|needs SDPA)"):
+            trainer.train(load_config(cfg, ["train.cuda_graphs=true", f"train.output_dir={tmp_path / (name + '-true')}"]))
+
+
+def test_auto_steps_eagerly_on_several_processes_where_true_is_refused(monkeypatch):
+    """The launch's part of the decision, on a GPU with two DDP ranks (the accelerator stands in: CI has one CPU
+    and no CUDA; the real two-rank refusal of `true` is the next test)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(trainer, "graph_backend", lambda device: TapeGraph)
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), distributed_type="MULTI_GPU",
+                                  state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=None))
+    said = []
+    for value in ("auto", True, False):
+        cfg = load_config(None, [f"train.cuda_graphs={str(value).lower()}"])
+        if value is True:
+            with pytest.raises(BadInput, match="train.cuda_graphs runs one process without DeepSpeed or FSDP"):
+                trainer.step_graphs(accelerator, None, None, None, "sdpa", cfg, said.append, None)
+        else:
+            assert trainer.step_graphs(accelerator, None, None, None, "sdpa", cfg, said.append, None) is None
+    assert said == ["train.cuda_graphs=auto: the steps run eagerly (2 processes: graphs of whole steps are for one "
+                    "process without DeepSpeed or FSDP)"]
 
 
 def test_on_a_cpu_the_cli_says_so_and_trains_eagerly(tmp_path, tiny_model):

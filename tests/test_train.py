@@ -39,6 +39,8 @@ def test_train_writes_config_metrics_tensorboard_and_an_hf_model(trained):
     final = json.loads((out / "final" / "eval_results.json").read_text())
     assert final["num_examples"] == 41
     assert json.loads(result.stdout.strip().splitlines()[-1]) == final
+    # train.cuda_graphs=auto (the default) runs eager steps on a CPU without a word about graphs
+    assert "cuda_graphs" not in result.stdout and "CUDA graphs" not in result.stdout, result.stdout[-2000:]
 
 
 def test_saved_model_loads_in_from_pretrained_and_pipeline(trained):

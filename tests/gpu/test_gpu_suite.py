@@ -161,6 +161,11 @@ def test_launch_config_runs_as_shipped_on_gpu(launch_config, tmp_path, tiny_bert
     assert f"resumed from {out / 'checkpoints' / ('step-%08d' % int(stopped.group(1)))}" in resumed.stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 200 and (out / "final" / "model.safetensors").is_file()
+    # train.cuda_graphs=auto (the default): one process without DeepSpeed or FSDP replays its steps as CUDA graphs
+    if procs == 1 and kind not in ("DEEPSPEED", "FSDP"):
+        assert re.search(r"CUDA graphs: [1-9]\d* captured", resumed.stdout), resumed.stdout[-3000:]
+    else:
+        assert "train.cuda_graphs=auto: the steps run eagerly" in resumed.stdout, resumed.stdout[-3000:]
 
     # 4. the export reloads in a plain process (from_pretrained) and scores as it did in training
     in_training = json.loads((out / "final" / "eval_results.json").read_text())
@@ -184,12 +189,14 @@ def test_a_training_step_makes_no_host_synchronisation(tmp_path, tiny_bert):
     run reports how many synchronisations it saw."""
     cfg = recipe(tmp_path / "c.yaml", tiny_bert, tmp_path / "run")
     r = run([sys.executable, "-m", "harness", "train", "--config", str(cfg), "train.max_steps=30",
-             "train.save_every=null", "train.log_every=10", "train.sync_debug=true"])
+             "train.save_every=null", "train.log_every=10", "train.sync_debug=true",
+             "train.cuda_graphs=false"])  # the eager steps (the step_graphs cases below check the graphs' replays)
     assert "host synchronisations inside training steps: 0" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("overrides", [["train.bf16_mode=master_weights"],
-                                       ["train.bf16_mode=autocast"],  # the GPU default is master weights (auto)
+# the eager cases say train.cuda_graphs=false: its default (auto) would capture their steps on one GPU
+@pytest.mark.parametrize("overrides", [["train.bf16_mode=master_weights", "train.cuda_graphs=false"],
+                                       ["train.bf16_mode=autocast", "train.cuda_graphs=false"],  # the GPU default: master weights
                                        ["model.unpadded=true"],
                                        ["train.compile=true", "train.compile_mode=reduce-overhead"],
                                        ["train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_scope=layers"],
