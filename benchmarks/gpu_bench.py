@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -114,19 +113,38 @@ def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, vari
     train(cfg)
     wall = time.perf_counter() - t0
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/mfu" in r]
-    timed = [r for r in records if r["step"] > warmup]
+    timed = timed_windows(records, batch, warmup)
     started = json.loads((out / "sessions.jsonl").read_text().splitlines()[0])  # what really ran
     return {
         "batch": batch, "variant": variant, "steps": steps, "wall_s": round(wall, 1),
         "ran": f"{started['parallelism']}, {started['mixed_precision']}",
         # compilation / capture and warm-up, apart from the steady state: the first `warmup` steps' wall time
         "first_steps_s": round(sum(10 / r["train/samples_per_s"] * batch for r in records if r["step"] <= warmup), 1),
-        "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in timed),
-        "samples_per_s": statistics.median(r["train/samples_per_s"] for r in timed),
-        "mfu": statistics.median(r["train/mfu"] for r in timed),
-        "padding_fraction": statistics.median(r["train/padding_fraction"] for r in timed),
-        "peak_mem_mb": max(r["train/peak_mem_mb"] for r in timed),
+        **{k: timed[k] for k in ("tokens_per_s", "samples_per_s", "mfu", "padding_fraction")},
+        "peak_mem_mb": max(r["train/peak_mem_mb"] for r in records if r["step"] > warmup),
     }
+
+
+def timed_windows(records: list[dict], batch: int, warmup: int) -> dict:
+    """The log windows of one process's run after step `warmup`, as one span (each record covers the steps since
+    the one before): samples/s and real tokens/s over the span's whole time, padding over its tokens, MFU weighted by
+    each window's time; `windows` holds each window's (real tokens, padded tokens, samples). Not a median of the
+    windows' rates, taken metric by metric: with length-grouped batches the windows hold different lengths, and a
+    median row could then pair one window's samples/s with another's tokens/s."""
+    windows, steps, seconds, busy, previous = [], 0, 0.0, 0.0, 0
+    for r in records:
+        n, previous = r["step"] - previous, r["step"]
+        if r["step"] <= warmup:
+            continue
+        dt = n * batch / r["train/samples_per_s"]
+        real = r["train/tokens_per_s"] * dt
+        windows.append((real, real / (1 - r["train/padding_fraction"]), n * batch))
+        steps, seconds, busy = steps + n, seconds + dt, busy + r.get("train/mfu", 0.0) * dt
+    if not windows:
+        raise SystemExit(f"no log window after step {warmup}: run more steps than --warmup")
+    real, padded, samples = (sum(w[i] for w in windows) for i in range(3))
+    return {"windows": windows, "steps": steps, "seconds": seconds, "samples_per_s": samples / seconds,
+            "tokens_per_s": real / seconds, "padding_fraction": 1 - real / padded, "mfu": busy / seconds}
 
 
 def summary(throughput: dict | None, bench: dict | None) -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 from benchmarks._children import report, run_child
-from benchmarks.gpu_bench import LAUNCH_CONFIGS, VARIANTS as GPU_VARIANTS
+from benchmarks.gpu_bench import LAUNCH_CONFIGS, VARIANTS as GPU_VARIANTS, timed_windows
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb-sample"
 SYSTEMS = ("seed", "trainer", "harness")
@@ -146,17 +146,8 @@ def run_harness(args, extra: list[str] = ()) -> dict:
     ])
     train(cfg)
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
-    # each record covers the steps since the previous one: its duration, real and padded tokens come back from its rates
-    batches, elapsed, previous, timed_steps = [], 0.0, 0, 0
-    for r in records:
-        steps, previous = r["step"] - previous, r["step"]
-        if r["step"] <= warmup:
-            continue
-        dt = steps * args.batch / r["train/samples_per_s"]
-        real = r["train/tokens_per_s"] * dt
-        batches.append((real, real / (1 - r["train/padding_fraction"]), steps * args.batch))
-        elapsed, timed_steps = elapsed + dt, timed_steps + steps
-    return summarize(batches, elapsed, timed_steps)
+    timed = timed_windows(records, args.batch, warmup)
+    return summarize(timed["windows"], timed["seconds"], timed["steps"])
 
 
 def summarize(batches, elapsed: float, steps: int | None = None) -> dict:

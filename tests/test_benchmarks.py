@@ -67,3 +67,26 @@ def test_throughput_medians_take_the_numbers_and_keep_the_notes():
     rounds = [{"samples_per_s": 4.0, "tokens_per_s": 100, "notes": ["first step in 1.0 s"]},
               {"samples_per_s": 6.0, "tokens_per_s": 300, "notes": ["first step in 0.5 s"]}]
     assert medians(rounds) == {"samples_per_s": 5.0, "tokens_per_s": 200, "notes": ["first step in 0.5 s"]}
+
+
+def test_gpu_bench_rates_are_totals_over_the_timed_windows_not_medians_of_each_metric():
+    """Windows of 10 and 5 steps after a warm-up window: samples and tokens over the span's time, padding over its
+    tokens, MFU weighted by time; the warm-up window and the steps it holds are left out."""
+    import pytest
+
+    from benchmarks.gpu_bench import timed_windows
+
+    def window(step, samples_per_s, tokens_per_s, padding, mfu):
+        return {"step": step, "train/samples_per_s": samples_per_s, "train/tokens_per_s": tokens_per_s,
+                "train/padding_fraction": padding, "train/mfu": mfu}
+
+    # batch 8: the second window is 10 steps in 2.0 s (80 samples, 32,000 real tokens, no padding),
+    # the third 5 steps in 0.8 s (40 samples, 8,000 real tokens of 16,000 computed)
+    records = [window(10, 80.0, 8000.0, 0.2, 0.1), window(20, 40.0, 16000.0, 0.0, 0.2), window(25, 50.0, 10000.0, 0.5, 0.3)]
+    t = timed_windows(records, batch=8, warmup=10)
+    assert t["steps"] == 15 and t["seconds"] == pytest.approx(2.8)
+    assert t["samples_per_s"] == pytest.approx(120 / 2.8) and t["tokens_per_s"] == pytest.approx(40000 / 2.8)
+    assert t["padding_fraction"] == pytest.approx(1 - 40000 / 48000)
+    assert t["mfu"] == pytest.approx((0.2 * 2.0 + 0.3 * 0.8) / 2.8)
+    with pytest.raises(SystemExit, match="no log window after step 25"):
+        timed_windows(records, batch=8, warmup=25)
