@@ -118,7 +118,7 @@ def run_trainer(args, best: bool) -> dict:
     Trainer(model=model, args=targs, train_dataset=ds, data_collator=collate, callbacks=[Clock()]).train()
     timed = batches[args.warmup : total]
     elapsed = ends[total - 1] - begins[args.warmup]
-    return summarize(timed, elapsed)
+    return summarize(timed, elapsed, len(timed))
 
 
 # harness_v01: how harness 0.1 ran (padding to multiples of 8 everywhere, transformers' own 2D mask handling, bf16
@@ -150,8 +150,8 @@ def run_harness(args, extra: list[str] = ()) -> dict:
     return summarize(timed["windows"], timed["seconds"], timed["steps"])
 
 
-def summarize(batches, elapsed: float, steps: int | None = None) -> dict:
-    """`batches`: (real tokens, padded tokens, samples) per step, or per log window with `steps` the steps timed."""
+def summarize(batches, elapsed: float, steps: int) -> dict:
+    """`batches`: (real tokens, padded tokens, samples) per step or per log window; `steps`: the steps timed."""
     import torch
 
     from harness.tracking import peak_memory_mb
@@ -160,7 +160,7 @@ def summarize(batches, elapsed: float, steps: int | None = None) -> dict:
     padded = sum(b[1] for b in batches)
     samples = sum(b[2] for b in batches)
     return {"samples_per_s": samples / elapsed, "tokens_per_s": real / elapsed, "padding_fraction": 1 - real / padded,
-            "peak_mem_mb": peak_memory_mb(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "timed_steps": len(batches) if steps is None else steps, "seconds": elapsed}
+            "peak_mem_mb": peak_memory_mb(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "timed_steps": steps, "seconds": elapsed}
 
 
 # ---------------------------------------------------------------- parent: interleave, then tabulate

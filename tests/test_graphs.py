@@ -290,7 +290,6 @@ def test_auto_captures_one_process_runs_and_steps_eagerly_where_graphs_cannot_ap
             ("accum", {"grad_accum_steps": 2}, "train.grad_accum_steps above 1"),
             ("mask2d", {}, "sdpa attention with model.attention_mask=2d: graphs need SDPA with a 4D mask")):
         model = {"attention_mask": "2d"} if name == "mask2d" else {}
-        monkeypatch.setattr(trainer, "graph_backend", lambda device: TapeGraph)
         cfg = write_config(tmp_path / f"{name}.yaml", tiny_model, tmp_path / name, model=model,
                            data={"train_samples": 48, "max_length": 24}, train={"max_steps": 4, **settings})
         capfd.readouterr()
@@ -304,7 +303,7 @@ def test_auto_captures_one_process_runs_and_steps_eagerly_where_graphs_cannot_ap
 
 def test_auto_steps_eagerly_on_several_processes_where_true_is_refused(monkeypatch):
     """The launch's part of the decision, on a GPU with two DDP ranks (the accelerator stands in: CI has one CPU
-    and no CUDA; the real two-rank refusal of `true` is the next test)."""
+    and no CUDA; the real two-rank refusal of `true` is test_several_processes_are_refused_in_one_line)."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(trainer, "graph_backend", lambda device: TapeGraph)
