@@ -1,67 +1,133 @@
 """Where a bert-base training step of harness spends its time on one NVIDIA GPU (torch.profiler).
 
-    python3 -m benchmarks.gpu_profile --batch 128 --steps 30
-    python3 -m benchmarks.gpu_profile --batch 8 --assets /tmp/a --variant autocast   # a gpu_bench.py variant
+    python3 -m benchmarks.gpu_profile --batch 128 --skip 20 --steps 20
+    python3 -m benchmarks.gpu_profile --batch 8 --assets /tmp/a --variant eager   # a gpu_bench.py variant
 
-Builds the same offline assets as benchmarks/gpu_bench.py (or reuses --assets), runs `harness train` for a few
-steps under torch.profiler, and prints the busy fraction of the GPU (kernel time over wall time of the profiled
-steps), the operators that took the most GPU time, and those that took the most host (CPU) time: at small
-batches a step waits for the host.
+Builds the same offline assets as benchmarks/gpu_bench.py (or reuses --assets) and runs `harness train`. The
+first --skip steps run unprofiled (compilation, attention plans, graph captures, allocation happen there); the
+next --steps are profiled. Prints the GPU's kernel time per step against the wall time per step (a busy GPU has
+them close: the step is then bound by what the kernels do, not by the host), the kernel time by kind (matrix
+multiplications, attention, normalisation, ...: what MFU is made of), the kernels that took the most GPU time,
+and the operators that took the most host time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.gpu_bench import VARIANTS, reuse_or_build_assets
+from benchmarks.gpu_bench import VARIANTS, reuse_or_build_assets, timed_windows
+
+# Kinds of CUDA kernels, by what their names contain (lower case), the first match wins (the memory-efficient
+# attention's kernels are fmha_cutlass*, inductor's layer norms triton_*_layer_norm*, torch's copies run in an
+# elementwise_kernel<..direct_copy_kernel..>): FlashAttention's flash_*, cuDNN's attention *sdpa*; cuBLAS's Hopper
+# GEMMs nvjet_* and sm90_xmma_gemm_*, CUTLASS's cutlass_*, inductor's GEMM templates triton_tem_*; inductor's fused
+# kernels triton_*; the optimizer's multi_tensor_apply kernels (fused AdamW, the master weights' foreach copies, the
+# gradient norm).
+KINDS = (
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk", "triton_tem")),
+    ("compiled (Triton)", ("triton",)),
+    ("optimizer", ("adam", "multi_tensor_apply", "foreach")),
+    ("layer norm", ("layer_norm", "layernorm", "gammabeta")),
+    ("softmax", ("softmax",)),
+    ("dropout", ("dropout", "bernoulli", "philox")),
+    ("embedding", ("embedding", "indexselect", "index_select", "indexing", "index_put", "scatter", "gather")),
+    ("memory copy / set", ("memcpy", "memset", "copy_kernel", "catarray")),
+    ("reduction", ("reduce_kernel", "reduction")),
+    ("elementwise", ("elementwise",)),
+)
+
+
+def kind_of(kernel: str) -> str:
+    """What a CUDA kernel does, from its name (KINDS); `other` when nothing matches."""
+    name = kernel.lower()
+    return next((kind for kind, parts in KINDS if any(p in name for p in parts)), "other")
+
+
+def kernel_time_by_kind(kernels: list[tuple[str, float]]) -> list[tuple[str, float, float]]:
+    """(kind, total time, share of the whole) for (kernel name, time) pairs, the largest first."""
+    totals: dict[str, float] = defaultdict(float)
+    for name, us in kernels:
+        totals[kind_of(name)] += us
+    whole = sum(totals.values()) or 1.0
+    return sorted(((k, v, v / whole) for k, v in totals.items()), key=lambda row: -row[1])
+
+
+def profiled_steps(prof):
+    """A stand-in for harness's Throughput meter whose `count` (once per micro-batch, on the host, outside any
+    captured graph) also advances the profiler's schedule: micro-batch k runs in the profiler's step k."""
+    from harness import trainer
+
+    class Counting(trainer.Throughput):
+        def count(self, batch: dict) -> None:
+            prof.step()
+            super().count(batch)
+
+    return Counting
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--examples", type=int, default=8000)
+    p.add_argument("--skip", type=int, default=20, help="steps run before the profile starts")
+    p.add_argument("--steps", type=int, default=20, help="steps profiled")
+    p.add_argument("--examples", type=int, default=3000)
     p.add_argument("--assets", help="folder for the model and data: built there if absent, else reused")
     p.add_argument("--variant", default="default", choices=list(VARIANTS), help="gpu_bench.py's overrides")
     args = p.parse_args()
     os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
-    from torch.profiler import ProfilerActivity, profile
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, schedule
 
+    from harness import trainer
     from harness.config import load_config
-    from harness.trainer import train
 
     root = Path(args.assets) if args.assets else Path(tempfile.mkdtemp())
     model_dir, data_dir = reuse_or_build_assets(root, args.examples)
     out = Path(tempfile.mkdtemp()) / "run"
     cfg = load_config(None, [
         f"model.name_or_path={model_dir}", "model.num_labels=2", f"data.dataset={data_dir}", "data.max_length=512",
-        "data.eval_samples=64", "data.num_workers=2", f"train.output_dir={out}", f"train.max_steps={args.steps}",
-        f"train.per_device_batch_size={args.batch}", "train.log_every=10", f"train.eval_every={10 * args.steps}",
+        "data.eval_samples=64", "data.num_workers=2", f"train.output_dir={out}",
+        f"train.max_steps={args.skip + args.steps + 1}", f"train.per_device_batch_size={args.batch}",
+        f"train.log_every={math.gcd(args.skip, args.steps)}",  # log windows that end where the profile starts f"train.eval_every={100 * (args.skip + args.steps)}",
         *VARIANTS[args.variant],
     ])
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        train(cfg)
-    wall = time.perf_counter() - t0
+    # micro-batches 1..skip-1 wait, skip warms the profiler up, skip+1..skip+steps are profiled: the window closes
+    # as micro-batch skip+steps+1 is counted (hence the one step more)
+    sched = schedule(wait=args.skip, warmup=1, active=args.steps, repeat=1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=sched) as prof:
+        trainer.Throughput, original = profiled_steps(prof), trainer.Throughput
+        try:
+            t0 = time.perf_counter()
+            trainer.train(cfg)
+            wall = time.perf_counter() - t0
+        finally:
+            trainer.Throughput = original
     events = prof.key_averages()
-    from torch.autograd import DeviceType
-
-    # kernels and copies only: an operator's row repeats the time of the kernels it launched
-    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
-    import json
-    import statistics
+    kernels = [(e.key, e.self_device_time_total) for e in events if e.device_type == DeviceType.CUDA]
+    gpu_ms = sum(us for _, us in kernels) / 1e3 / args.steps
 
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    step_ms = statistics.median(1000 * args.batch / r["train/samples_per_s"] for r in records if "train/samples_per_s" in r)
-    print(f"\nprofiled {args.steps} steps of batch {args.batch}: wall {wall:.1f} s for the whole run; GPU kernel time "
-          f"{gpu_us / 1e3 / args.steps:.1f} ms per step (all kernels, incl. a 64-example eval) against "
-          f"{step_ms:.1f} ms of wall time per step under the profiler")
-    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    span = timed_windows([r for r in records if "train/samples_per_s" in r and r["step"] <= args.skip + args.steps],
+                         args.batch, args.skip)
+    step_ms = 1000 * span["seconds"] / span["steps"]
+    mfu = f", MFU {100 * span['mfu']:.1f}%" if span["mfu"] else ""
+    print(f"\nbatch {args.batch}, variant {args.variant}: {args.skip} steps unprofiled, then {args.steps} profiled "
+          f"(the whole run: {wall:.1f} s)")
+    print(f"GPU kernel time {gpu_ms:.1f} ms per step, against {step_ms:.1f} ms of wall time per step (steps "
+          f"{args.skip + 1}-{args.skip + args.steps}, under the profiler{mfu})")
+    print("\nkernel time by kind (per step):")
+    for kind, us, share in kernel_time_by_kind(kernels):
+        print(f"  {kind:<20} {us / 1e3 / args.steps:8.2f} ms  {100 * share:5.1f}%")
+    print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
     return 0
 
 

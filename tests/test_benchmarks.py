@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from benchmarks._children import REPO, child_env
 
 
@@ -90,3 +92,33 @@ def test_gpu_bench_rates_are_totals_over_the_timed_windows_not_medians_of_each_m
     assert t["mfu"] == pytest.approx((0.2 * 2.0 + 0.3 * 0.8) / 2.8)
     with pytest.raises(SystemExit, match="no log window after step 25"):
         timed_windows(records, batch=8, warmup=25)
+
+
+def test_gpu_profile_sorts_kernels_into_kinds_by_their_names():
+    """gpu_profile's table of kernel time by kind, on kernel names as CUDA builds of torch 2.11 call them: the
+    attention kernels built on CUTLASS count as attention, copies and GELU run in elementwise kernels apart."""
+    from benchmarks.gpu_profile import kernel_time_by_kind, kind_of
+
+    names = {
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopB_NTN": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas": "matmul",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<cutlass::arch::Sm80>::Params)": "attention",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64, 128, 128, 8>>(Flash_bwd_params)": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
+        "triton_per_fused_add_native_dropout_native_layer_norm_0": "compiled (Triton)",
+        "triton_tem_fused_mm_1": "matmul",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>(int, float, ...)": "layer norm",
+        "void at::native::(anonymous namespace)::fused_dropout_kernel_vec<c10::BFloat16, float, unsigned int, 1, 4, bool>(...)": "dropout",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&, at::native::GeluType)::{lambda()#2}>": "elementwise",
+        "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}>>": "memory copy / set",
+        "Memcpy DtoH (Device -> Pageable)": "memory copy / set",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, (ADAM_MODE)1, false>>": "optimizer",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, at::native::(anonymous namespace)::LogSoftMaxForwardEpilogue>": "softmax",
+        "void at::native::embedding_backward_feature_kernel<c10::BFloat16, float, long>": "embedding",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, at::native::sum_functor>>>": "reduction",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "other",
+    }
+    assert {name: kind_of(name) for name in names} == names
+    rows = kernel_time_by_kind([("nvjet_a", 600.0), ("flash_fwd", 200.0), ("nvjet_b", 100.0), ("mystery", 100.0)])
+    assert [kind for kind, _, _ in rows] == ["matmul", "attention", "other"]  # the largest first
+    assert [x for _, us, share in rows for x in (us, share)] == pytest.approx([700.0, 0.7, 200.0, 0.2, 100.0, 0.1])
