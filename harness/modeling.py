@@ -124,7 +124,11 @@ def compile_model(model: nn.Module, mode: str, scope: str) -> str:
     its parameters being graph inputs, all of them share one graph: the compilation costs one layer's, not the
     model's; embeddings, pooler, classifier and loss stay eager (a few dozen operators). Both are dynamic: batch
     size and padded length are symbolic from the first compilation (torch's default specialises the first graph to
-    the first shape and compiles a second, dynamic one at the next length). Returns what was compiled, in words."""
+    the first shape and compiles a second, dynamic one at the next length), and apart from each other. Returns what
+    was compiled, in words."""
+    # No duck sizing: torch gives dimensions of equal size one symbol (the batch size and a padded length, 128 and 128)
+    # and compiles again at the first batch where they differ. Read when a graph is traced; private, not yet public API.
+    torch.fx.experimental._config.use_duck_shape = False
     blocks = repeated_blocks(model) if scope == "layers" else None
     if blocks is None:
         model.compile(mode=mode, dynamic=True)

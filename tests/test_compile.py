@@ -56,10 +56,14 @@ def test_a_compiled_run_trains_like_the_eager_one_and_exports_a_model_that_loads
 def test_compiling_the_layers_compiles_one_graph_for_all_of_them_and_trains_like_the_eager_model(tmp_path, tiny_model):
     """train.compile_scope=layers: each encoder layer compiled in place; the layers share one graph (their parameters
     are its inputs), the embeddings and the head run eagerly. Batches with and without padding must not compile a
-    second graph (without padding transformers would hand the layers no mask at all)."""
+    second graph (without padding transformers would hand the layers no mask at all), nor batches whose padded length
+    is the batch size and others (torch's duck sizing would give both one symbol: at batch 128 on an H100, a second
+    compilation at the first batch padded to another length than 128)."""
     model_dir = dropout_free(tiny_model, tmp_path / "two-layers", 2)
-    # max_length 16 truncates most synthetic reviews: some batches have no padding, others do
-    recipe = dict(data={"train_samples": 32, "max_length": 16}, train={"max_steps": 8, "lr": 3e-3})
+    # max_length 16 truncates most synthetic reviews: the epoch's first batches have no padding (16 x 16 tokens), the
+    # next are padded to 16, its last ones (the shortest reviews) to 8
+    recipe = dict(data={"train_samples": 256, "max_length": 16},
+                  train={"max_steps": 16, "lr": 3e-3, "per_device_batch_size": 16})
     eager_cfg = write_config(tmp_path / "eager.yaml", model_dir, tmp_path / "eager", **recipe)
     layers_cfg = write_config(tmp_path / "layers.yaml", model_dir, tmp_path / "layers", **recipe)
     ok(harness("train", "--config", str(eager_cfg), "data.pad_multiple=8"))
@@ -70,9 +74,12 @@ def test_compiling_the_layers_compiles_one_graph_for_all_of_them_and_trains_like
     rows = [r for r in map(json.loads, (tmp_path / "layers" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
     padding = [r["train/padding_fraction"] for r in rows]
     assert min(padding) == 0 < max(padding), padding
+    # one batch a step: its padded length is its real tokens per example over its share of real tokens
+    lengths = [round(r["train/tokens_per_s"] / r["train/samples_per_s"] / (1 - r["train/padding_fraction"])) for r in rows]
+    assert lengths[0] == 16 and 8 in lengths, lengths  # the first graph saw 16 x 16, then came 16 x 8
 
     eager, layers = losses(tmp_path / "eager"), losses(tmp_path / "layers")
-    assert list(layers) == list(range(1, 9))
+    assert list(layers) == list(range(1, 17))
     assert layers == pytest.approx(eager, abs=1e-4)
     with safe_open(str(tmp_path / "layers" / "final" / "model.safetensors"), "pt") as f, \
             safe_open(str(tmp_path / "eager" / "final" / "model.safetensors"), "pt") as g:
