@@ -85,10 +85,10 @@ VARIANTS = {
     "step_graphs_autocast": ["train.cuda_graphs=true", "train.bf16_mode=autocast"],
     # the same with each encoder layer compiled (fused kernels) before the captures
     "step_graphs_layers": ["train.cuda_graphs=true", "train.compile=true", "train.compile_scope=layers"],
-    # real tokens only: packed, attention per example through nested jagged tensors (FlashAttention varlen, no mask)
+    # real tokens only: packed, attention per example through FlashAttention's varlen kernel (no mask)
     "unpadded": ["model.unpadded=true"],
     "master_unpadded": ["train.bf16_mode=master_weights", "model.unpadded=true"],
-    # the three together (the layers compiled around the attention; no CUDA graphs: the packed length varies)
+    # the three together (the FlashAttention call compiled with the layers; no CUDA graphs: the packed length varies)
     "master_unpadded_layers": ["train.bf16_mode=master_weights", "model.unpadded=true", "train.compile=true",
                                "train.compile_scope=layers"],
     # the same through DeepSpeed's bf16 optimizer: the shipped ZeRO-1 config, one process

@@ -41,8 +41,8 @@ class ModelConfig:
     per example (FlashAttention's variable-length kernel on GPUs in bf16, no mask; nested jagged tensors on other
     GPUs; a loop of SDPA calls on CPUs), and no pad token is computed in any layer (batches are padded to their
     longest example only to carry them: data.pad_multiple does not apply). BERT-architecture models. With
-    train.compile, attention runs eagerly between the compiled parts; not with CUDA graphs (the packed length
-    changes with every batch)."""
+    train.compile, the FlashAttention call is compiled with the layers (elsewhere attention runs eagerly between
+    compiled parts); not with CUDA graphs (the packed length changes with every batch)."""
     trust_remote_code: bool = False
 
 

@@ -173,12 +173,15 @@ def attention_mask_for(mask: torch.Tensor, attn_implementation: str, mask_format
 UNPADDED = "harness_unpadded"  # the attention implementation of model.unpadded, registered with transformers
 
 
-@torch.compiler.disable  # a kernel call, nothing to fuse: compiled layers run it eagerly (two graphs around it)
 def unpadded_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
                        offsets=None, max_seqlen=None, **kwargs):
-    """transformers' attention interface for model.unpadded (the mask is None: offsets say where examples are)."""
-    out = packed_attention(query, key, value, offsets, max_seqlen, dropout, scaling, kernel=packed_kernel(query))
-    return out, None
+    """transformers' attention interface for model.unpadded (the mask is None: offsets say where examples are).
+    Under train.compile the FlashAttention call is traced with the layer (torch's compiler has it as an operator:
+    one graph per layer, none broken around the attention); the other kernels run eagerly between compiled parts
+    (`runs` reads the offsets on the host, `jagged` builds nested tensors)."""
+    kernel = packed_kernel(query)
+    attend = packed_attention if kernel == "flash" else _packed_attention_eagerly
+    return attend(query, key, value, offsets, max_seqlen, dropout, scaling, kernel=kernel), None
 
 
 def packed_kernel(query: torch.Tensor) -> str:
@@ -187,9 +190,14 @@ def packed_kernel(query: torch.Tensor) -> str:
     if query.device.type != "cuda":
         return "runs"
     if (query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
-            and torch.backends.cuda.flash_sdp_enabled() and _has_flash_attention(query.device.index)):
+            and _flash_available(query.device.index)):
         return "flash"
     return "jagged"
+
+
+@torch.compiler.assume_constant_result  # a compiled layer asks it once, when traced, and keeps the answer
+def _flash_available(device_index) -> bool:
+    return torch.backends.cuda.flash_sdp_enabled() and _has_flash_attention(device_index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,6 +249,9 @@ def packed_attention(query, key, value, offsets, max_seqlen: int, dropout: float
     out = nn.functional.scaled_dot_product_attention(nested(query), nested(key), nested(value), dropout_p=dropout,
                                                      scale=scale)
     return out.transpose(1, 2).values()[None]
+
+
+_packed_attention_eagerly = torch.compiler.disable(packed_attention)  # compiled layers break their graph around it
 
 
 def make_unpadded(model: nn.Module) -> None:
