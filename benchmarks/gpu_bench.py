@@ -91,6 +91,10 @@ VARIANTS = {
     # the three together (the FlashAttention call compiled with the layers; no CUDA graphs: the packed length varies)
     "master_unpadded_layers": ["train.bf16_mode=master_weights", "model.unpadded=true", "train.compile=true",
                                "train.compile_scope=layers"],
+    # unpadded with compiled layers whose matmuls inductor autotunes (its Triton templates against cuBLAS, the bias
+    # and GELU fused into them where a template wins): minutes of compilation
+    "unpadded_layers_autotune": ["model.unpadded=true", "train.compile=true", "train.compile_scope=layers",
+                                 "train.compile_mode=max-autotune-no-cudagraphs"],
     # the same through DeepSpeed's bf16 optimizer: the shipped ZeRO-1 config, one process
     "zero1": [],
 }
