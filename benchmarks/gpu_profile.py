@@ -96,7 +96,8 @@ def main() -> int:
         f"model.name_or_path={model_dir}", "model.num_labels=2", f"data.dataset={data_dir}", "data.max_length=512",
         "data.eval_samples=64", "data.num_workers=2", f"train.output_dir={out}",
         f"train.max_steps={args.skip + args.steps + 1}", f"train.per_device_batch_size={args.batch}",
-        f"train.log_every={math.gcd(args.skip, args.steps)}",  # log windows that end where the profile starts f"train.eval_every={100 * (args.skip + args.steps)}",
+        f"train.log_every={math.gcd(args.skip, args.steps)}",  # log windows that end where the profile starts
+        f"train.eval_every={100 * (args.skip + args.steps)}",  # no evaluation inside the profile: only the run's last
         *VARIANTS[args.variant],
     ])
     # micro-batches 1..skip-1 wait, skip warms the profiler up, skip+1..skip+steps are profiled: the window closes
