@@ -88,6 +88,9 @@ VARIANTS = {
     # real tokens only: packed, attention per example through FlashAttention's varlen kernel (no mask)
     "unpadded": ["model.unpadded=true"],
     "master_unpadded": ["train.bf16_mode=master_weights", "model.unpadded=true"],
+    # compiled layers (one dynamic graph for every length) on eager steps, padded to multiples of 8, not 64: at batch
+    # 128, where step graphs bought nothing, the 64-token buckets' padding (14.1%) is work on pad tokens
+    "layers_pad8": ["train.compile=true", "train.compile_scope=layers", "train.cuda_graphs=false", "data.pad_multiple=8"],
     # the three together (the FlashAttention call compiled with the layers; no CUDA graphs: the packed length varies)
     "master_unpadded_layers": ["train.bf16_mode=master_weights", "model.unpadded=true", "train.compile=true",
                                "train.compile_scope=layers"],

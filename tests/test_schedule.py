@@ -38,3 +38,22 @@ def test_eval_batch_and_flops():
     assert eval_batch_size(train_cfg("train.eval_batch_size=5")) == 5
     # bert-base: 85.6M non-embedding parameters, 12 layers of 768 at 512 tokens
     assert training_flops_per_token(85_600_000, 12, 768, 512) == 6 * 85_600_000 + 12 * 12 * 768 * 512 == 570_223_104
+
+
+@pytest.mark.parametrize("length", [128, 512])
+def test_mfu_counts_the_flops_torch_counts_in_a_bert_base_training_step(length):
+    """train/mfu's numerator (flops_per_token x real tokens) against torch's own FLOP counter over one forward and
+    backward of the bert-base shape (on the meta device: shapes only, no weights, no compute). What the formula
+    counts that the step does not: the pooler and biases as if every token used them (0.8% of the step)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from harness.modeling import flops_per_token
+
+    with torch.device("meta"):
+        model = BertForSequenceClassification(BertConfig(attn_implementation="eager"))  # attention as matmuls, counted
+        ids, labels = torch.zeros(4, length, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=labels).loss.backward()
+    assert counter.get_total_flops() / (flops_per_token(model)(length) * 4 * length) == pytest.approx(0.992, abs=0.002)
