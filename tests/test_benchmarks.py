@@ -122,3 +122,23 @@ def test_gpu_profile_sorts_kernels_into_kinds_by_their_names():
     rows = kernel_time_by_kind([("nvjet_a", 600.0), ("flash_fwd", 200.0), ("nvjet_b", 100.0), ("mystery", 100.0)])
     assert [kind for kind, _, _ in rows] == ["matmul", "attention", "other"]  # the largest first
     assert [x for _, us, share in rows for x in (us, share)] == pytest.approx([700.0, 0.7, 200.0, 0.2, 100.0, 0.1])
+
+
+def test_attention_benchmark_times_each_kernel_on_harness_batches_checks_it_and_reports_a_missing_one(tmp_path, capsys):
+    """benchmarks/attention.py on the CPU with a small shape: the padded SDPA and the packed CPU kernel both match
+    the fp32 reference; a GPU kernel asked for on the CPU is reported as failed, and the others still run."""
+    import json
+
+    import numpy as np
+
+    from benchmarks.attention import epoch_batches, main, review_token_lengths
+
+    lengths = review_token_lengths(100, 128)
+    batches = epoch_batches(lengths, 16)
+    assert sorted(np.concatenate(batches)) == sorted(lengths) and len(batches) == 7  # every review once
+    assert main(["--batch", "16", "--examples", "100", "--max-length", "128", "--heads", "2", "--head-dim", "8",
+                 "--repeats", "1", "--kernels", "sdpa_masked,runs,flash_varlen", "--out", str(tmp_path)]) == 0
+    results = {r["kernel"]: r for r in json.loads((tmp_path / "attention.json").read_text())["results"]}
+    assert all(results[k]["max_error"] < 2e-2 and results[k]["ms_per_batch"] > 0 for k in ("sdpa_masked", "runs"))
+    assert "error" in results["flash_varlen"]
+    assert "| flash_varlen | failed: " in capsys.readouterr().out
