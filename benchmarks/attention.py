@@ -140,6 +140,7 @@ def measure(kernel: str, batches: list[Batch], dropout: float, repeats: int, dev
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    stage = "forward"
     try:
         calls = [attention_call(kernel, b, dropout) for b in batches]
         worst = 0.0
@@ -151,12 +152,14 @@ def measure(kernel: str, batches: list[Batch], dropout: float, repeats: int, dev
             t0 = time.perf_counter()
             for _ in range(repeats if timed else 1):
                 for run, _ in calls:
+                    stage = "forward"
                     out, inputs = run()
+                    stage = "backward"
                     out.backward(torch.ones_like(out))
             sync()
             seconds = time.perf_counter() - t0
-    except Exception as e:  # a kernel this device or build lacks: said, and the others go on
-        return {"kernel": kernel, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"}
+    except Exception as e:  # a kernel this device or build lacks: said, with where it failed, and the others go on
+        return {"kernel": kernel, "error": f"{stage}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"}
     per_batch_ms = seconds / repeats / len(batches) * 1e3
     real = sum(sum(b.lengths) for b in batches)
     return {"kernel": kernel, "ms_per_batch": per_batch_ms, "max_error": worst,
