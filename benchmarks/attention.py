@@ -62,8 +62,9 @@ class Batch:
                  generator: torch.Generator):
         self.lengths = [int(n) for n in lengths]
         width = min(int(math.ceil(max(self.lengths) / pad) * pad), max_length)
-        self.offsets = torch.tensor(np.concatenate([[0], np.cumsum(self.lengths)]), device=device)
-        total, self.max_seqlen = int(self.offsets[-1]), max(self.lengths)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)]).tolist()  # on the host: slicing reads no device
+        self.offsets = torch.tensor(self.starts, device=device)
+        total, self.max_seqlen = self.starts[-1], max(self.lengths)
         # packed: (1, heads, tokens, head size), as transformers' layers give packed_attention
         self.packed = [torch.randn(1, heads, total, head_dim, generator=generator, device=device, dtype=dtype)
                        for _ in range(3)]
@@ -73,7 +74,7 @@ class Batch:
         for i, n in enumerate(self.lengths):
             self.mask[i, :n] = True
             for p, x in zip(self.padded, self.packed):
-                p[i, :, :n] = x[0, :, self.offsets[i]:self.offsets[i] + n]
+                p[i, :, :n] = x[0, :, self.starts[i]:self.starts[i] + n]
         self.mask4d = self.mask[:, None, None, :]  # True = attend, as harness.modeling.attention_mask_for gives it
         self.padded_tokens = len(self.lengths) * width
         self._reference = None
@@ -90,7 +91,7 @@ class Batch:
             return self._reference
         outs = []
         for i, n in enumerate(self.lengths):
-            q, k, v = (x[0, :, self.offsets[i]:self.offsets[i] + n].float() for x in self.packed)
+            q, k, v = (x[0, :, self.starts[i]:self.starts[i] + n].float() for x in self.packed)
             outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(0, 1))
         self._reference = torch.cat(outs)
         return self._reference
