@@ -65,12 +65,13 @@ class Batch:
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)]).tolist()  # on the host: slicing reads no device
         self.offsets = torch.tensor(self.starts, device=device)
         total, self.max_seqlen = self.starts[-1], max(self.lengths)
-        # packed: (1, heads, tokens, head size), as transformers' layers give packed_attention
-        self.packed = [torch.randn(1, heads, total, head_dim, generator=generator, device=device, dtype=dtype)
-                       for _ in range(3)]
+        # (1, heads, tokens, head size) packed and (batch, heads, width, head size) padded, both as transformers'
+        # layers give them to attention: transposed views of a Linear's (..., tokens, heads x head size) output
+        self.packed = [torch.randn(1, total, heads, head_dim, generator=generator, device=device, dtype=dtype)
+                       .transpose(1, 2) for _ in range(3)]
         self.mask = torch.zeros(len(self.lengths), width, dtype=torch.bool, device=device)
-        self.padded = [torch.zeros(len(self.lengths), heads, width, head_dim, device=device, dtype=dtype)
-                       for _ in range(3)]
+        self.padded = [torch.zeros(len(self.lengths), width, heads, head_dim, device=device, dtype=dtype)
+                       .transpose(1, 2) for _ in range(3)]
         for i, n in enumerate(self.lengths):
             self.mask[i, :n] = True
             for p, x in zip(self.padded, self.packed):
