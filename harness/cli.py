@@ -27,7 +27,8 @@ from harness.errors import BadInput, TrainingDiverged, WriteFailed
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors are bad input too: exit 2, one line
-        raise BadInput(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("harness").strip()  # main() says "harness: error:" once
+        raise BadInput(f"{command}: {message}" if command else message)
 
 
 def build_parser() -> argparse.ArgumentParser:

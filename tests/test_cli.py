@@ -9,7 +9,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "has no training_config.yaml" in err
     assert main(["predict", "--model", str(tmp_path / "missing"), "text"]) == 2
     assert "not a model folder" in capsys.readouterr().err
-    assert main(["train"]) == 2 and "--config" in capsys.readouterr().err
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err == "harness: error: train: the following arguments are required: --config\n"
+    assert main(["predict", "--model", str(tmp_path), "--bogus"]) == 2  # the program's name once, not twice
+    assert capsys.readouterr().err == "harness: error: unrecognized arguments: --bogus\n"
     assert main(["plan", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert capsys.readouterr().err.strip() == f"harness: error: config file not found: {tmp_path / 'nope.yaml'}"
 
