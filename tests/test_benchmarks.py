@@ -130,15 +130,22 @@ def test_attention_benchmark_times_each_kernel_on_harness_batches_checks_it_and_
     import json
 
     import numpy as np
+    import pandas as pd
 
     from benchmarks.attention import epoch_batches, main, review_token_lengths
 
+    from benchmarks.gpu_bench import build_assets
+
+    _, data = build_assets(tmp_path / "assets", 100, model=dict(hidden_size=8, num_hidden_layers=1,
+                                                                num_attention_heads=1, intermediate_size=8))
+    words = pd.read_parquet(data / "train.parquet")["text"].str.split().str.len().to_numpy()
     lengths = review_token_lengths(100, 128)
+    assert (lengths == np.minimum(words + 2, 128)).all()  # the reviews gpu_bench trains on, [CLS] and [SEP] added
     batches = epoch_batches(lengths, 16)
     assert sorted(np.concatenate(batches)) == sorted(lengths) and len(batches) == 7  # every review once
     assert main(["--batch", "16", "--examples", "100", "--max-length", "128", "--heads", "2", "--head-dim", "8",
-                 "--repeats", "1", "--kernels", "sdpa_masked,runs,flash_varlen", "--out", str(tmp_path)]) == 0
-    results = {r["kernel"]: r for r in json.loads((tmp_path / "attention.json").read_text())["results"]}
+                 "--repeats", "1", "--kernels", "sdpa_masked,runs,flash_varlen", "--out", str(tmp_path / "out")]) == 0
+    results = {r["kernel"]: r for r in json.loads((tmp_path / "out" / "attention.json").read_text())["results"]}
     assert all(results[k]["max_error"] < 2e-2 and results[k]["ms_per_batch"] > 0 for k in ("sdpa_masked", "runs"))
     assert "error" in results["flash_varlen"]
     assert "| flash_varlen | failed: forward: " in capsys.readouterr().out
