@@ -25,6 +25,7 @@ A kernel the device lacks, or that fails, is reported with its reason; the other
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from harness.modeling import attention_mask_for, packed_attention
 
 GPU_KERNELS = ("sdpa_masked", "sdpa_masked_cudnn", "sdpa_masked_efficient", "flash_varlen", "cudnn_varlen")
 CPU_KERNELS = ("sdpa_masked", "runs")
@@ -76,7 +79,7 @@ class Batch:
             self.mask[i, :n] = True
             for p, x in zip(self.padded, self.packed):
                 p[i, :, :n] = x[0, :, self.starts[i]:self.starts[i] + n]
-        self.mask4d = self.mask[:, None, None, :]  # True = attend, as harness.modeling.attention_mask_for gives it
+        self.mask4d = attention_mask_for(self.mask, "sdpa", "4d")  # what harness gives SDPA (True = attend)
         self.padded_tokens = len(self.lengths) * width
         self._reference = None
 
@@ -102,17 +105,13 @@ def attention_call(kernel: str, batch: Batch, dropout: float):
     """(a function running the kernel's forward on fresh leaf inputs and returning (output, inputs), padded?)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from harness.modeling import packed_attention
-
     if kernel.startswith("sdpa_masked"):
         backend = {"sdpa_masked_cudnn": SDPBackend.CUDNN_ATTENTION,
                    "sdpa_masked_efficient": SDPBackend.EFFICIENT_ATTENTION}.get(kernel)
 
         def run():
             q, k, v = (x.detach().requires_grad_() for x in batch.padded)
-            if backend is None:
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, batch.mask4d, dropout), (q, k, v)
-            with sdpa_kernel(backend):
+            with sdpa_kernel(backend) if backend else contextlib.nullcontext():
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, batch.mask4d, dropout), (q, k, v)
         return run, True
     if kernel in ("flash_varlen", "runs"):
@@ -155,7 +154,7 @@ def measure(kernel: str, batches: list[Batch], dropout: float, repeats: int, dev
             for _ in range(repeats if timed else 1):
                 for run, _ in calls:
                     stage = "forward"
-                    out, inputs = run()
+                    out, _ = run()
                     stage = "backward"
                     out.backward(torch.ones_like(out))
             sync()

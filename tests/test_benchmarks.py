@@ -133,7 +133,6 @@ def test_attention_benchmark_times_each_kernel_on_harness_batches_checks_it_and_
     import pandas as pd
 
     from benchmarks.attention import epoch_batches, main, review_token_lengths
-
     from benchmarks.gpu_bench import build_assets
 
     _, data = build_assets(tmp_path / "assets", 100, model=dict(hidden_size=8, num_hidden_layers=1,
