@@ -99,11 +99,6 @@ VARIANTS = {
     # the three together (the FlashAttention call compiled with the layers; no CUDA graphs: the packed length varies)
     "master_unpadded_layers": ["train.bf16_mode=master_weights", "model.unpadded=true", "train.compile=true",
                                "train.compile_scope=layers"],
-    # unpadded through cuDNN's variable-length attention (model.unpadded_kernel=cudnn), eager; then with compiled
-    # layers, where the cuDNN call runs eagerly between the compiled parts (each layer's graph breaks around it)
-    "unpadded_cudnn": ["model.unpadded=true", "model.unpadded_kernel=cudnn"],
-    "unpadded_cudnn_layers": ["model.unpadded=true", "model.unpadded_kernel=cudnn", "train.compile=true",
-                              "train.compile_scope=layers"],
     # unpadded with compiled layers whose matmuls inductor autotunes (its Triton templates against cuBLAS, the bias
     # and GELU fused into them where a template wins): minutes of compilation
     "unpadded_layers_autotune": ["model.unpadded=true", "train.compile=true", "train.compile_scope=layers",

@@ -43,10 +43,6 @@ class ModelConfig:
     longest example only to carry them: data.pad_multiple does not apply). BERT-architecture models. With
     train.compile, the FlashAttention call is compiled with the layers (elsewhere attention runs eagerly between
     compiled parts); not with CUDA graphs (the packed length changes with every batch)."""
-    unpadded_kernel: str = "auto"
-    """model.unpadded's attention kernel on GPUs in bf16: `auto` (FlashAttention 2's variable-length kernel) or
-    `cudnn` (cuDNN's variable-length attention; runs eagerly between compiled parts under train.compile).
-    Elsewhere both take the automatic choice."""
     trust_remote_code: bool = False
 
 
@@ -345,7 +341,6 @@ def validate(cfg: Config) -> None:
     need(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
          f"train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {t.compile_mode!r}")
     need(t.cuda_graphs in (True, False, "auto"), f"train.cuda_graphs must be auto, true or false, got {t.cuda_graphs!r}")
-    need(m.unpadded_kernel in ("auto", "cudnn"), f"model.unpadded_kernel must be auto or cudnn, got {m.unpadded_kernel!r}")
     need(m.attention_mask in ("auto", "4d", "2d"), f"model.attention_mask must be auto, 4d or 2d, got {m.attention_mask!r}")
     need(not (m.unpadded and t.compile_records_graphs),
          f"model.unpadded with train.compile_mode={t.compile_mode}: the packed length changes with every batch, and "

@@ -174,26 +174,24 @@ UNPADDED = "harness_unpadded"  # the attention implementation of model.unpadded,
 
 
 def unpadded_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
-                       offsets=None, max_seqlen=None, preferred: str = "auto", **kwargs):
+                       offsets=None, max_seqlen=None, **kwargs):
     """transformers' attention interface for model.unpadded (the mask is None: offsets say where examples are).
     Under train.compile the FlashAttention call is traced with the layer (torch's compiler has it as an operator:
     one graph per layer, none broken around the attention); the other kernels run eagerly between compiled parts
-    (`runs` reads the offsets on the host, `jagged` builds nested tensors, `cudnn` has no fake kernel to trace)."""
-    kernel = packed_kernel(query, preferred)
+    (`runs` reads the offsets on the host, `jagged` builds nested tensors)."""
+    kernel = packed_kernel(query)
     attend = packed_attention if kernel == "flash" else _packed_attention_eagerly
     return attend(query, key, value, offsets, max_seqlen, dropout, scaling, kernel=kernel), None
 
 
-def packed_kernel(query: torch.Tensor, preferred: str = "auto") -> str:
+def packed_kernel(query: torch.Tensor) -> str:
     """The kernel packed_attention runs for these inputs: `flash` on GPUs that have FlashAttention (compute
-    capability 8 or more) with bf16 or fp16 inputs, `jagged` on other GPUs and in fp32, `runs` on CPUs.
-    `preferred="cudnn"` (model.unpadded_kernel) takes cuDNN's variable-length attention where FlashAttention's
-    would run (cuDNN's fused attention has the same needs here), and the automatic choice elsewhere."""
+    capability 8 or more) with bf16 or fp16 inputs, `jagged` on other GPUs and in fp32, `runs` on CPUs."""
     if query.device.type != "cuda":
         return "runs"
     if (query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
             and _flash_available(query.device.index)):
-        return "cudnn" if preferred == "cudnn" and query.shape[-1] <= 128 else "flash"
+        return "flash"
     return "jagged"
 
 
@@ -214,15 +212,6 @@ def flash_varlen(query, key, value, cu_seqlens, max_seqlen: int, dropout: float,
                                                    dropout, False, False, scale=scale)[0]
 
 
-def cudnn_varlen(query, key, value, cu_seqlens, max_seqlen: int, dropout: float, scale):
-    """cuDNN's fused attention over packed examples, as torch's nested-tensor SDPA calls it when it picks cuDNN (its
-    autograd formula with it): (tokens, heads, head size) inputs, int32 cumulative lengths.
-    The log-sum-exp the backward needs is computed only where there will be a backward."""
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
-    return torch.ops.aten._cudnn_attention_forward(query, key, value, None, cu_seqlens, cu_seqlens, max_seqlen,
-                                                   max_seqlen, needs_grad, dropout, False, False, scale=scale)[0]
-
-
 def packed_attention(query, key, value, offsets, max_seqlen: int, dropout: float = 0.0, scale=None,
                      kernel: str = "jagged"):
     """Attention over packed examples: query, key and value are (1, heads, tokens, head size), the real tokens of
@@ -233,17 +222,12 @@ def packed_attention(query, key, value, offsets, max_seqlen: int, dropout: float
     - `flash` (GPUs, bf16): FlashAttention's variable-length kernel called directly (attention dropout included).
       Through nested tensors (`jagged`) the same kernel costs several ms of host time per call: on an H100,
       0.23x the padded run's samples/s at batch 8;
-    - `cudnn` (GPUs, bf16, model.unpadded_kernel=cudnn): cuDNN's variable-length attention called directly
-      (attention dropout included);
     - `jagged`: SDPA on nested jagged tensors (GPUs without FlashAttention, fp32), given a lower bound of 1 token;
     - `runs` (CPUs, where torch's nested kernel is the math one, 2-3.5x slower): one SDPA call per run of
       consecutive examples of the same length (a length-grouped batch truncated at max_length is one call)."""
     if kernel == "flash":
         q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # no copies: views of Linears
         return flash_varlen(q, k, v, offsets.to(torch.int32), max_seqlen, dropout, scale)[None]
-    if kernel == "cudnn":
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, size): views, as for flash
-        return cudnn_varlen(q, k, v, offsets.to(torch.int32), max_seqlen, dropout, scale)[None]
     if kernel == "runs":
         bounds = offsets.tolist()  # on the host already
         runs, outs = [], []  # (first token, examples, length) of each run of equal lengths
@@ -270,21 +254,20 @@ def packed_attention(query, key, value, offsets, max_seqlen: int, dropout: float
 _packed_attention_eagerly = torch.compiler.disable(packed_attention)  # compiled layers break their graph around it
 
 
-def make_unpadded(model: nn.Module, kernel: str = "auto") -> None:
+def make_unpadded(model: nn.Module) -> None:
     """model.unpadded: the classifier computes on real tokens only. Batches carry, beside the padded `input_ids`,
     `token_index` (where the real tokens are in the flattened batch) and `offsets` (Collator(unpadded=True));
     the forward gathers the real tokens into one packed row (positions restart at 0 in every example), runs
     transformers' own embeddings and layers on it with `unpadded_attention`, and classifies each example's first
     token. No padding is computed, and no mask: the gathers are on the device, with no host synchronisation.
-    The modules and weights are the model's own, so checkpoints and exports are unchanged. `kernel`:
-    model.unpadded_kernel (packed_kernel's `preferred`)."""
+    The modules and weights are the model's own, so checkpoints and exports are unchanged."""
     from transformers import AttentionInterface
     from transformers.modeling_outputs import SequenceClassifierOutput
 
     if model.config.model_type != "bert" or not hasattr(model, "bert"):
         raise BadInput(f"model.unpadded supports BERT-architecture classifiers (model_type bert), "
                        f"not {model.config.model_type}: set model.unpadded=false")
-    AttentionInterface.register(UNPADDED, functools.partial(unpadded_attention, preferred=kernel))
+    AttentionInterface.register(UNPADDED, unpadded_attention)
     model.config._attn_implementation = UNPADDED  # what the layers look up; the forward below builds no mask
 
     def forward(self, input_ids, token_index, offsets, token_type_ids=None, **ignored):

@@ -86,7 +86,7 @@ def train_in(run: RunFolder, cfg: Config, accelerator, watchdog: StallWatchdog, 
 
     model = load_model(cfg.model)
     if cfg.model.unpadded:
-        make_unpadded(model, cfg.model.unpadded_kernel)  # before any wrapper: Accelerate's autocast wraps this forward
+        make_unpadded(model)  # before any wrapper: Accelerate's autocast wraps this forward
     model_flops = flops_per_token(model)  # read off the bare model, before any wrapper
     attn = model.config._attn_implementation  # what was loaded (sdpa falls back to eager where unsupported)
     probe = DtypeProbe(model, compiled=t.compile)

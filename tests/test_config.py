@@ -80,7 +80,6 @@ def test_defaults_without_a_file_and_int_to_float():
          "train.cuda_graphs does not go with train.compile_mode=max-autotune"),
         (["train.cuda_graphs=true", "model.unpadded=true"], "train.cuda_graphs does not go with model.unpadded"),
         (["train.cuda_graphs=sometimes"], "train.cuda_graphs must be auto, true or false, got 'sometimes'"),
-        (["model.unpadded_kernel=flash3"], "model.unpadded_kernel must be auto or cudnn, got 'flash3'"),
         (["model.unpadded=true", "train.compile=true", "train.compile_mode=reduce-overhead"],
          "a CUDA graph would be recorded for each"),
         (["train.warmup_steps=2.5"], "train.warmup_steps must be a whole number"),

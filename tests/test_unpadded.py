@@ -52,22 +52,15 @@ def flash_stand_in(query, key, value, cu_seqlens, max_seqlen, dropout, scale):
 
 
 def force_kernel(monkeypatch, kernel):
-    """Run packed_attention's `kernel` on the CPU: `jagged` (nested tensors), or `flash` and `cudnn` through
-    flash_stand_in. `cudnn` is what model.unpadded_kernel=cudnn asks for where FlashAttention would run: only a model
-    made with that choice gets it, so the choice must reach the layers."""
+    """Run packed_attention's `kernel` on the CPU: `jagged` (nested tensors), or `flash` through flash_stand_in."""
     import harness.modeling as modeling
 
-    if kernel == "cudnn":
-        monkeypatch.setattr(modeling, "packed_kernel", lambda query, preferred="auto": "cudnn" if preferred == "cudnn" else "flash")
-        monkeypatch.setattr(modeling, "flash_varlen", None)  # not callable: the test fails if the choice is lost
-        monkeypatch.setattr(modeling, "cudnn_varlen", flash_stand_in)  # the same contract
-        return
-    monkeypatch.setattr(modeling, "packed_kernel", lambda query, preferred="auto": kernel)
+    monkeypatch.setattr(modeling, "packed_kernel", lambda query: kernel)
     if kernel == "flash":
         monkeypatch.setattr(modeling, "flash_varlen", flash_stand_in)
 
 
-@pytest.mark.parametrize("kernel", ["runs", "jagged", "flash", "cudnn"])
+@pytest.mark.parametrize("kernel", ["runs", "jagged", "flash"])
 @pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
 def test_packed_outputs_and_gradients_match_the_padded_model(tiny_model, pairs, kernel, monkeypatch):
     """fp32: the same logits and gradients as the padded SDPA model; bf16 autocast: within bf16's tolerance of the
@@ -77,7 +70,7 @@ def test_packed_outputs_and_gradients_match_the_padded_model(tiny_model, pairs, 
     cfg = ModelConfig(name_or_path=str(tiny_model), num_labels=2)
     padded_model, eager = load_model(cfg), load_model(dataclasses.replace(cfg, attn_implementation="eager"))
     packed_model = load_model(cfg)
-    make_unpadded(packed_model, "cudnn" if kernel == "cudnn" else "auto")
+    make_unpadded(packed_model)
     padded, packed = batch_of([17, 40, 3, 25, 9], pairs=pairs)
     inputs = {k: padded[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in padded}
     packed_inputs = {k: v for k, v in packed.items() if k != "labels"}
@@ -214,7 +207,7 @@ def test_compiled_layers_trace_the_flash_call_one_graph_for_every_packed_length(
     import harness.modeling as modeling
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(modeling, "packed_kernel", lambda query, preferred="auto": "flash")
+    monkeypatch.setattr(modeling, "packed_kernel", lambda query: "flash")
     model = load_model(ModelConfig(name_or_path=str(tiny_model), num_labels=2))
     make_unpadded(model)
     layer = model.bert.encoder.layer[0].to(device="meta", dtype=torch.bfloat16).train()  # dropout in the kernel too

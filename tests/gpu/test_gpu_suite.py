@@ -245,11 +245,10 @@ def test_master_weights_unpadded_and_cuda_graphs_train_on_the_single_gpu_config(
     assert again["num_examples"] == 200 and abs(again["accuracy"] - in_training["accuracy"]) <= 0.02, (again, in_training)
 
 
-@pytest.mark.parametrize("kernel", ["flash", "cudnn"])
-def test_unpadded_attention_kernels_match_masked_sdpa_in_bf16(kernel):
-    """model.unpadded's GPU kernels: bf16 inputs take FlashAttention's variable-length kernel, or cuDNN's with
-    model.unpadded_kernel=cudnn, called directly (not through nested tensors, whose host cost made a step 4x slower
-    on an H100), and their outputs and gradients agree with padded, masked SDPA within bf16's tolerance."""
+def test_unpadded_attention_runs_flash_varlen_and_matches_masked_sdpa_in_bf16():
+    """model.unpadded's GPU kernel: bf16 inputs take FlashAttention's variable-length kernel, called directly (not
+    through nested tensors, whose host cost made a step 4x slower on an H100), and its outputs and gradients agree
+    with padded, masked SDPA within bf16's tolerance."""
     from harness.modeling import packed_attention, packed_kernel
 
     torch.manual_seed(0)
@@ -259,8 +258,7 @@ def test_unpadded_attention_kernels_match_masked_sdpa_in_bf16(kernel):
               for _ in range(3)]
     qkv = [x.transpose(1, 2) for x in leaves]
     assert packed_kernel(qkv[0]) == "flash" and packed_kernel(qkv[0].float()) == "jagged"
-    assert packed_kernel(qkv[0], "cudnn") == "cudnn" and packed_kernel(qkv[0].float(), "cudnn") == "jagged"
-    out = packed_attention(*qkv, offsets, max(lengths), kernel=kernel)
+    out = packed_attention(*qkv, offsets, max(lengths), kernel="flash")
     weights = torch.randn_like(out)
     (out.float() * weights).sum().backward()
 
