@@ -105,6 +105,7 @@ def test_gpu_profile_sorts_kernels_into_kinds_by_their_names():
         "fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<cutlass::arch::Sm80>::Params)": "attention",
         "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64, 128, 128, 8>>(Flash_bwd_params)": "attention",
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, void const*, ...)": "attention",
         "triton_per_fused_add_native_dropout_native_layer_norm_0": "compiled (Triton)",
         "triton_tem_fused_mm_1": "matmul",
         "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>(int, float, ...)": "layer norm",
@@ -122,6 +123,24 @@ def test_gpu_profile_sorts_kernels_into_kinds_by_their_names():
     rows = kernel_time_by_kind([("nvjet_a", 600.0), ("flash_fwd", 200.0), ("nvjet_b", 100.0), ("mystery", 100.0)])
     assert [kind for kind, _, _ in rows] == ["matmul", "attention", "other"]  # the largest first
     assert [x for _, us, share in rows for x in (us, share)] == pytest.approx([700.0, 0.7, 200.0, 0.2, 100.0, 0.1])
+
+
+def test_gpu_profile_counts_kernels_not_the_step_annotations_spanning_them():
+    """torch.profiler's `ProfilerStep*` range has a GPU side as long as the step's kernels: counted as a kernel it
+    doubled the kernel time per step (H100, fifteenth session). CPU operators carry no kernel time of their own."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.gpu_profile import kernel_times
+
+    def event(key, device, us, annotation=False):
+        return SimpleNamespace(key=key, device_type=device, self_device_time_total=us, is_user_annotation=annotation)
+
+    events = [event("ProfilerStep*", DeviceType.CUDA, 1900.0, annotation=True), event("nvjet_a", DeviceType.CUDA, 600.0),
+              event("aten::mm", DeviceType.CPU, 100.0), event("flash_fwd", DeviceType.CUDA, 200.0),
+              event("ProfilerStep#3", DeviceType.CUDA, 80.0)]  # a torch that does not mark annotations
+    assert kernel_times(events) == [("nvjet_a", 600.0), ("flash_fwd", 200.0)]
 
 
 def test_attention_benchmark_times_each_kernel_on_harness_batches_checks_it_and_reports_a_missing_one(tmp_path, capsys):
