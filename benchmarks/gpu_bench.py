@@ -126,7 +126,7 @@ def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, vari
     wall = time.perf_counter() - t0
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/mfu" in r]
     timed = timed_windows(records, batch, warmup)
-    started = json.loads((out / "sessions.jsonl").read_text().splitlines()[0])  # what really ran
+    started = json.loads((out / "launches.jsonl").read_text().splitlines()[0])  # what really ran
     return {
         "batch": batch, "variant": variant, "steps": steps, "wall_s": round(wall, 1),
         "ran": f"{started['parallelism']}, {started['mixed_precision']}",

@@ -11,22 +11,26 @@ it, is never loaded: a `kill -9` at any moment leaves the previous complete chec
 A write that fails (a full disk, a quota, an I/O error) on any rank stops every rank: the ranks agree on it
 by an all-reduce after each phase of the write, the partial `.tmp` folder is removed, older checkpoints
 are untouched (pruning runs only after a newer one is complete), and WriteFailed names the path and error.
-Fault injection for tests: HARNESS_FAULT_WRITE=POINT[@STEP] (POINT: mkdir, state, progress, complete,
-rename, model) raises ENOSPC there on rank HARNESS_FAULT_WRITE_RANK (default 0).
+Tests break writes at named points through harness.faults.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
 import shutil
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+import torch.distributed as dist
+
 from harness.errors import BadInput, WriteFailed, first_line
+from harness.faults import NONE as NO_FAULTS, Faults
 
 COMPLETE = "COMPLETE.json"
 PROGRESS = "progress.json"
@@ -46,6 +50,14 @@ class Progress:
     world_size: int = 1
     global_batch: int = 0
     sharding: Optional[str] = None  # DeepSpeed ZeRO / FSDP state is per rank: resume on world_size processes only
+
+    def advance(self, global_batch: int, epoch_size: int) -> None:
+        """One optimizer step done: it consumed the epoch's next global batch (fewer at its end), all ranks together."""
+        self.samples_seen += min(global_batch, epoch_size - self.position)
+        self.step, self.position = self.step + 1, min(self.position + global_batch, epoch_size)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.position = self.epoch + 1, 0
 
 
 # ---------------------------------------------------------------- finding checkpoints
@@ -82,7 +94,8 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return [p for p in dirs if verify(p) is None]
 
 
-def latest_checkpoint(out: Path, warn: Callable[[str], None] = print) -> Optional[Path]:
+def latest_checkpoint(out: Path, warn: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """The newest complete checkpoint under `out`; `warn` hears of each newer one that is skipped, and why."""
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return None
@@ -90,7 +103,8 @@ def latest_checkpoint(out: Path, warn: Callable[[str], None] = print) -> Optiona
         reason = "unfinished write" if p.name.endswith(".tmp") else verify(p)
         if reason is None:
             return p
-        warn(f"harness: warning: skipping checkpoint {p}: {reason}")
+        if warn is not None:
+            warn(f"harness: warning: skipping checkpoint {p}: {reason}")
     return None
 
 
@@ -114,6 +128,13 @@ def read_progress(path: Path) -> Progress:
 # ---------------------------------------------------------------- writing
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` beside `path` and rename it into place: a reader sees the old file or the new, whole."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _fsync_write(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -129,33 +150,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fault(point: str, rank: int, step: Optional[int] = None) -> None:
-    wanted = os.environ.get("HARNESS_FAULT_WRITE")
-    if not wanted or rank != int(os.environ.get("HARNESS_FAULT_WRITE_RANK", "0")):
-        return
-    name, _, at = wanted.partition("@")
-    if name == point and (not at or int(at) == step):
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at '{point}')")
-
-
-def _dcp_error() -> type:
-    """Distributed checkpointing (FSDP2) gathers the ranks' write errors into one exception, a BaseException
-    (imported here, not at the top: torch.distributed.checkpoint takes most of a second to import)."""
-    try:
-        from torch.distributed.checkpoint.api import CheckpointException
-    except ImportError:  # pragma: no cover
-        return Exception
-    return CheckpointException
-
-
-def _agree(accelerator, error: Optional[BaseException], path: Path, cleanup=None, keep: Optional[Path] = None) -> None:
+def agree_on_write(accelerator, error: Optional[BaseException], path: Path, cleanup=None, keep: Optional[Path] = None) -> None:
     """Collective, after each phase of a write: if it failed on any rank, every rank raises WriteFailed
     (the rank it failed on with its own error), after the main process ran `cleanup`."""
     failed_rank = accelerator.process_index if error is not None else -1
     if accelerator.num_processes > 1:
-        import torch
-        import torch.distributed as dist
-
         flag = torch.tensor([failed_rank], device=accelerator.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         failed_rank = int(flag.item())
@@ -175,32 +174,32 @@ def _agree(accelerator, error: Optional[BaseException], path: Path, cleanup=None
     raise WriteFailed(f"could not write {path}: {why}{kept}; free space (or fix the storage) and run again to resume")
 
 
-def save_checkpoint(accelerator, out: Path, progress: Progress, keep_last: int) -> Path:
+def save_checkpoint(accelerator, out: Path, progress: Progress, keep_last: int, faults: Faults = NO_FAULTS) -> Path:
     """Resumable state for `progress.step`. Every rank must call it (DeepSpeed's save is collective)."""
     final = checkpoint_dir(out, progress.step)
     tmp = final.with_name(final.name + ".tmp")
     rank, step = accelerator.process_index, progress.step
-    previous = latest_checkpoint(out, warn=lambda message: None)
+    previous = latest_checkpoint(out)
     remove_tmp = functools.partial(shutil.rmtree, tmp, ignore_errors=True)
     error = None
     if accelerator.is_main_process:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            _fault("mkdir", rank, step)
+            faults.write("mkdir", rank, step)
         except Exception as e:
             error = e
-    _agree(accelerator, error, final, remove_tmp, previous)
+    agree_on_write(accelerator, error, final, remove_tmp, previous)
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
-        _fault("state", rank, step)
-    except (Exception, _dcp_error()) as e:  # a full disk shows as OSError, torch.save's RuntimeError, SafetensorError...
+        faults.write("state", rank, step)
+    except (Exception, CheckpointException) as e:  # DCP (FSDP2) gathers the ranks' errors into a BaseException  # a full disk shows as OSError, torch.save's RuntimeError, SafetensorError...
         error = e
-    _agree(accelerator, error, final, remove_tmp, previous)
+    agree_on_write(accelerator, error, final, remove_tmp, previous)
     if accelerator.is_main_process:
         try:
             with open(tmp / PROGRESS, "w") as f:  # a write cut short leaves a partial file, as a full disk does
-                _fault("progress", rank, step)
+                faults.write("progress", rank, step)
                 f.write(json.dumps(asdict(progress), indent=2))
                 f.flush()
                 os.fsync(f.fileno())
@@ -208,14 +207,14 @@ def save_checkpoint(accelerator, out: Path, progress: Progress, keep_last: int) 
             for rel in files:
                 with open(tmp / rel, "rb") as fh:
                     os.fsync(fh.fileno())
-            _fault("complete", rank, step)
+            faults.write("complete", rank, step)
             _fsync_write(tmp / COMPLETE, json.dumps({"step": progress.step, "files": files}, indent=2))
-            _fault("rename", rank, step)
+            faults.write("rename", rank, step)
             replace_dir(tmp, final)
             _fsync_dir(final.parent)
         except Exception as e:
             error = e
-    _agree(accelerator, error, final, remove_tmp, previous)
+    agree_on_write(accelerator, error, final, remove_tmp, previous)
     if accelerator.is_main_process:
         prune(out, keep_last)  # only now that the new checkpoint is complete
     accelerator.wait_for_everyone()
@@ -251,70 +250,44 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-TRAINING_CONFIG = "training_config.yaml"  # beside an exported model: how it was trained and its data prepared
+def load_checkpoint(accelerator, checkpoint: Path, optimizer) -> None:
+    """Every rank loads its state (model, optimizer, scheduler, RNG) from a complete checkpoint."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:  # a file that passed the size check but does not parse
+        raise BadInput(f"checkpoint {checkpoint} cannot be loaded: {first_line(e)}") from None
+    for group in optimizer.param_groups:  # a train.cuda_graphs run saved it as a tensor (StepGraphs makes it one again)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
 
 
-def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] = None,
-               training_config: Optional[str] = None, weights: Optional[Callable[[], Optional[dict]]] = None) -> None:
-    """HF-format model + tokenizer at `path` (plus `extra` as eval_results.json and the resolved config as
-    training_config.yaml, which `harness evaluate` and `harness predict` read), written by the main process.
+class Checkpointer:
+    """When a run writes resumable state: every `save_every` steps or epochs (train.save_every), on a stop
+    signal, and never from poisoned weights (the non-finite guard is asked first); keeps the newest `keep_last`."""
 
-    Every rank must call this: under ZeRO-3 `get_state_dict` gathers the partitioned weights, a
-    collective that hangs if one rank skips it and writes empty tensors if nobody gathers. `weights` gives
-    the state_dict to write instead of the model's own (the fp32 masters of bf16 weights).
-    """
-    accelerator.wait_for_everyone()
-    state_dict = weights() if weights else None
-    if state_dict is None:
-        state_dict = accelerator.get_state_dict(model)
-    tmp = path.with_name(path.name + ".tmp")
-    error = None
-    if accelerator.is_main_process:
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            # save_original_format=False: keep the parameter names as they are (LayerNorm.weight), not the legacy
-            # names (LayerNorm.gamma) that transformers 5 writes back for models it loaded through a renaming.
-            dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), None)  # save_pretrained empties it
-            accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-                tmp, state_dict=state_dict, safe_serialization=True, save_original_format=False
-            )
-            if weights is not None and dtype is not None:  # config.json names the parameters' dtype, not the weights'
-                _set_config_dtype(tmp / "config.json", dtype)
-            tokenizer.save_pretrained(tmp)
-            _fault("model", accelerator.process_index)
-            if extra is not None:
-                (tmp / "eval_results.json").write_text(json.dumps(extra, indent=2) + "\n")
-            if training_config is not None:
-                (tmp / TRAINING_CONFIG).write_text(training_config)
-            replace_dir(tmp, path)
-        except Exception as e:
-            error = e
-    _agree(accelerator, error, path, functools.partial(shutil.rmtree, tmp, ignore_errors=True),
-           latest_checkpoint(path.parent, warn=lambda message: None))
+    def __init__(self, accelerator, run_root: Path, save_every, keep_last: int, global_batch: int, sharded: Optional[str],
+                 guard, watchdog, say, faults: Faults = NO_FAULTS):
+        self.accelerator, self.root, self.save_every, self.keep_last = accelerator, Path(run_root), save_every, keep_last
+        self.global_batch, self.sharded = global_batch, sharded
+        self.guard, self.watchdog, self.say, self.faults = guard, watchdog, say, faults
 
+    def newest_good(self) -> Optional[Path]:
+        return latest_checkpoint(self.root)
 
-def _set_config_dtype(config: Path, dtype) -> None:
-    values = json.loads(config.read_text())
-    for key in ("dtype", "torch_dtype"):
-        if key in values:
-            values[key] = str(dtype).replace("torch.", "")
-    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    def maybe_save(self, progress: Progress, epoch_ended: bool = False) -> None:
+        """After a step (`epoch_ended`: after the last step of an epoch), if the cadence says so."""
+        due = self.save_every == "epoch" if epoch_ended else (
+            isinstance(self.save_every, int) and progress.step % self.save_every == 0)
+        if due:
+            self.save(progress)
 
-
-def copy_model(accelerator, source: Path, path: Path, note: dict) -> None:
-    """`path` becomes a copy of the exported model at `source`, its eval_results.json extended by `note`
-    (early stopping: final/ holds the best model). Main process writes; every rank calls it."""
-    tmp = path.with_name(path.name + ".tmp")
-    error = None
-    if accelerator.is_main_process:
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(source, tmp)
-            results = tmp / "eval_results.json"
-            previous = json.loads(results.read_text()) if results.is_file() else {}
-            results.write_text(json.dumps({**previous, **note}, indent=2) + "\n")
-            replace_dir(tmp, path)
-        except Exception as e:
-            error = e
-    _agree(accelerator, error, path, functools.partial(shutil.rmtree, tmp, ignore_errors=True),
-           latest_checkpoint(path.parent, warn=lambda message: None))
+    def save(self, progress: Progress) -> Path:
+        self.guard.check()
+        progress.world_size, progress.global_batch = self.accelerator.num_processes, self.global_batch
+        progress.sharding = self.sharded
+        tic = time.perf_counter()
+        self.watchdog.beat()
+        path = save_checkpoint(self.accelerator, self.root, progress, self.keep_last, self.faults)
+        self.watchdog.beat()
+        self.say(f"checkpoint {path} written in {time.perf_counter() - tic:.2f} s")
+        return path

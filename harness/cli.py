@@ -7,10 +7,7 @@
     harness plan --config configs/bert_base_imdb.yaml --launch-config launch_configs/accelerate/deepspeed_zero2.yaml
     harness report outputs/run-a outputs/run-b --out compare.html
 
-Exit codes: 0 success; 2 bad input (one line on stderr naming the key, file or value); 3 the loss or gradient
-norm became non-finite (one line naming the step and the newest good checkpoint); 4 a rank stalled (the stall
-watchdog: one line, then every thread's stack); 5 a checkpoint or model write failed (full disk, quota, I/O
-error: one line naming the path and the error); 1 anything else. Under `accelerate launch` the ranks exit
+Errors are one line on stderr, with the exit codes of harness.errors; under `accelerate launch` the ranks exit
 with these and the launcher itself exits 1; OUTPUT_DIR/stop_reason.txt says why a run stopped.
 """
 
@@ -22,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.errors import BadInput, TrainingDiverged, WriteFailed
+from harness.errors import KNOWN_ERRORS, BadInput, exit_code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
             train(load_config(args.config, args.overrides))
         elif args.command == "evaluate":
-            from harness.evaluation import evaluate_saved
+            from harness.inference import evaluate_saved
 
             evaluate_saved(args.model, args.config, args.overrides, args.output)
         elif args.command == "predict":
@@ -91,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
             report(args.runs, args.out)
         return 0
-    except (BadInput, TrainingDiverged, WriteFailed) as e:
+    except KNOWN_ERRORS as e:
         print(f"harness: error: {e}", file=sys.stderr)
         _leave_process_group()
-        return 2 if isinstance(e, BadInput) else 3 if isinstance(e, TrainingDiverged) else 5
+        return exit_code(e)
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return 130
@@ -133,7 +130,7 @@ def run_plan(args) -> None:
 
 
 def run_predict(args) -> None:
-    from harness.predict import predict, read_jsonl_texts
+    from harness.inference import predict, read_jsonl_texts
 
     texts = list(args.texts)
     if args.input:

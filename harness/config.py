@@ -296,19 +296,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise AssertionError(f"unsupported config type {tp} for {key}")
 
 
-def cuda_graph_clash(m: ModelConfig, t: TrainConfig) -> Optional[str]:
-    """What in the config keeps its steps from being captured as CUDA graphs (train.cuda_graphs), or None:
-    `true` refuses it, `auto` runs eagerly. The launch (processes, engine, device) is checked at the start."""
-    if t.compile_records_graphs:
-        return (f"train.compile_mode={t.compile_mode}, which records CUDA graphs of its own (a capture cannot "
-                f"hold another): use compile_mode default or max-autotune-no-cudagraphs")
-    if t.grad_accum_steps > 1:
-        return "train.grad_accum_steps above 1 (a graph replays a whole optimizer step)"
-    if m.unpadded:
-        return "model.unpadded (the packed length changes with every batch)"
-    return None
-
-
 def validate(cfg: Config) -> None:
     """Impossible values, each named. Checks that need the data or world size live where those are known."""
     m, d, t = cfg.model, cfg.data, cfg.train
@@ -345,8 +332,6 @@ def validate(cfg: Config) -> None:
     need(not (m.unpadded and t.compile_records_graphs),
          f"model.unpadded with train.compile_mode={t.compile_mode}: the packed length changes with every batch, and "
          f"a CUDA graph would be recorded for each; use compile_mode default or max-autotune-no-cudagraphs")
-    clash = cuda_graph_clash(m, t)
-    need(not (t.cuda_graphs is True and clash), f"train.cuda_graphs does not go with {clash}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     need(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")
@@ -384,8 +369,8 @@ def validate(cfg: Config) -> None:
     need(t.early_stopping_min_delta >= 0, f"train.early_stopping_min_delta must be >= 0, got {t.early_stopping_min_delta}")
     need(t.keep_last >= 1, f"train.keep_last must be at least 1, got {t.keep_last}")
     need(
-        t.best_metric is None or t.best_metric in BEST_METRICS,
-        f"train.best_metric must be one of {', '.join(BEST_METRICS)}, got {t.best_metric!r}",
+        t.best_metric is None or t.best_metric in METRICS,
+        f"train.best_metric must be one of {', '.join(METRICS)}, got {t.best_metric!r}",
     )
 
 
@@ -393,5 +378,6 @@ def validate(cfg: Config) -> None:
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim",
             "clearml": "clearml", "dvclive": "dvclive"}
 
-# metric -> True when higher is better
-BEST_METRICS = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False}
+# The metrics an evaluation reports (harness.evaluation), each -> True when higher is better: train.best_metric's
+# choices and the columns of `harness report`.
+METRICS = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False}

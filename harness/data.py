@@ -1,10 +1,4 @@
-"""Data: sources, validation, seeded stratified subsets, tokenization, and the training batch order.
-
-Sources (`data.dataset`):
-- a hub id (default `stanfordnlp/imdb`); only the named splits are loaded, never IMDb's `unsupervised` (label -1);
-- a local folder holding `<split>.parquet|csv|jsonl|json`, or the original `aclImdb/` layout
-  (`<split>/pos/*.txt`, `<split>/neg/*.txt`); a local file is the train split and its siblings the others;
-- `synthetic`: seeded sentiment sentences, for offline smoke runs.
+"""Training and evaluation data: seeded stratified subsets, tokenization, padding per batch, and the batch order.
 
 Training order (`StepBatchSampler`): one global permutation per epoch that depends only on the seed and
 the epoch, never on the world size; examples are consumed in optimizer steps of
@@ -15,155 +9,16 @@ can resume on another number of processes without skipping or repeating an examp
 from __future__ import annotations
 
 import math
-import random
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset
+from torch.utils.data import DataLoader
 
 from harness.config import DataConfig
-from harness.errors import BadInput, first_line
-from harness.schedule import global_batch, steps_in_epoch
-
-FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
-
-
-# ---------------------------------------------------------------- loading
-
-
-def load_split(cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int) -> Dataset:
-    """Load one split with its text and label columns validated (labels as ints in [0, num_labels))."""
-    if cfg.dataset == "synthetic":
-        ds = synthetic_split(split)
-    else:
-        ds = _load_source(cfg.dataset, split, cfg.dataset_config)
-    return validate_columns(ds, cfg, split, label_names, num_labels)
-
-
-def _load_source(source: str, split: str, config_name: Optional[str] = None) -> Dataset:
-    if split == "unsupervised":
-        raise BadInput("the 'unsupervised' split has no labels (label -1); choose a labelled split")
-    path = Path(source)
-    split_path = Path(split)
-    if split_path.suffix in FILE_BUILDERS and split_path.is_file():
-        return _load_file(split_path)
-    if path.is_dir():
-        for ext in FILE_BUILDERS:
-            f = path / f"{split}{ext}"
-            if f.is_file():
-                return _load_file(f)
-        if (path / split / "pos").is_dir() or (path / split / "neg").is_dir():
-            return load_aclimdb(path / split)
-        raise BadInput(f"data.dataset folder {path} has no '{split}' split (expected {split}.parquet/.csv/.jsonl or {split}/pos and {split}/neg)")
-    if path.is_file():
-        if path.suffix not in FILE_BUILDERS:
-            raise BadInput(f"data.dataset file {path} must be .parquet, .csv, .jsonl or .json")
-        if path.stem == split or split == "train":
-            return _load_file(path)
-        for ext in FILE_BUILDERS:
-            f = path.parent / f"{split}{ext}"
-            if f.is_file():
-                return _load_file(f)
-        raise BadInput(f"no '{split}' split beside data.dataset file {path} (expected {path.parent}/{split}.parquet or similar)")
-    if source.startswith((".", "/", "~")) or source.endswith(tuple(FILE_BUILDERS)):
-        raise BadInput(f"data.dataset path not found: {source}")
-    try:
-        return load_dataset(source, config_name, split=split)
-    except Exception as e:  # hub errors come in many types; all mean "cannot use this dataset"
-        named = f"'{source}' ({config_name})" if config_name else f"'{source}'"
-        raise BadInput(f"cannot load dataset {named} split '{split}': {first_line(e)}") from None
-
-
-def _load_file(path: Path) -> Dataset:
-    try:
-        return load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    except Exception as e:
-        raise BadInput(f"cannot read data file {path}: {first_line(e)}") from None
-
-
-def load_aclimdb(split_dir: Path) -> Dataset:
-    """The original aclImdb layout: <split>/pos/*.txt (label 1) and <split>/neg/*.txt (label 0); unsup/ ignored."""
-    texts, labels = [], []
-    for name, label in (("neg", 0), ("pos", 1)):
-        for f in sorted((split_dir / name).glob("*.txt")):
-            texts.append(f.read_text(encoding="utf-8", errors="replace"))
-            labels.append(label)
-    return Dataset.from_dict({"text": texts, "label": labels})
-
-
-_POS = ["wonderful", "brilliant", "moving", "delightful", "superb", "charming", "gripping", "excellent", "beautiful", "funny"]
-_NEG = ["boring", "awful", "dull", "terrible", "clumsy", "tedious", "dreadful", "lifeless", "painful", "weak"]
-_NOUNS = ["movie", "film", "plot", "acting", "script", "ending", "cast", "soundtrack", "story", "direction"]
-_FILLER = ["honestly", "overall", "in the end", "from start to finish", "for the most part", "to my surprise", "as expected"]
-_TEMPLATES = [
-    "the {n} was {a}.",
-    "{f}, the {n} felt {a} and the {n2} was {a2}.",
-    "i thought the {n} was {a}, {f}.",
-    "what a {a} {n}; the {n2} was {a2} too.",
-    "{f} this is a {a} {n} with a {a2} {n2}.",
-    "the {n} was not {o}, {f}.",  # negated opposite: the label needs more than one word
-    "{f}, i would not call the {n} {o}; it was {a2}.",
-]
-
-
-def synthetic_split(split: str, size: Optional[int] = None) -> Dataset:
-    return Dataset.from_dict(synthetic_rows(split, size))
-
-
-def synthetic_rows(split: str, size: Optional[int] = None) -> dict:
-    """Balanced, seeded sentiment sentences: the label is the polarity of the adjectives, flipped by "not".
-
-    The train and test splits come from different seeds, so they share vocabulary but not sentences.
-    """
-    size = size or (4000 if split == "train" else 1000)
-    rng = random.Random(f"harness-synthetic-{split}")
-    texts, labels = [], []
-    for i in range(size):
-        label = i % 2
-        adjs, opposite = (_POS, _NEG) if label else (_NEG, _POS)
-        text = rng.choice(_TEMPLATES).format(
-            n=rng.choice(_NOUNS), n2=rng.choice(_NOUNS), a=rng.choice(adjs), a2=rng.choice(adjs),
-            o=rng.choice(opposite), f=rng.choice(_FILLER),
-        )
-        texts.append(text)
-        labels.append(label)
-    order = list(range(size))
-    rng.shuffle(order)
-    return {"text": [texts[i] for i in order], "label": [labels[i] for i in order]}
-
-
-def validate_columns(ds: Dataset, cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int) -> Dataset:
-    """Check the columns and labels; returns a dataset whose label column holds ints."""
-    columns = [("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)]
-    if cfg.text_pair_column:
-        columns.append(("data.text_pair_column", cfg.text_pair_column))
-    for key, col in columns:
-        if col not in ds.column_names:
-            raise BadInput(f"{key}: column '{col}' not in split '{split}' (columns: {', '.join(ds.column_names)})")
-    if len(ds) == 0:
-        raise BadInput(f"split '{split}' of {cfg.dataset} is empty")
-    labels = ds[cfg.label_column]
-    if any(isinstance(v, str) for v in labels):
-        if not label_names:
-            raise BadInput(f"data.label_column '{cfg.label_column}' holds strings; set model.label_names to map them to ids")
-        ids = {name: i for i, name in enumerate(label_names)}
-        for row, v in enumerate(labels):
-            if v not in ids:
-                raise BadInput(f"split '{split}' row {row}: label {v!r} is not one of model.label_names {label_names}")
-        col = cfg.label_column
-        ds = ds.map(lambda b: {col: [ids[v] for v in b[col]]}, batched=True, desc="label names to ids")
-        labels = ds[col]
-    for row, v in enumerate(labels):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < num_labels:
-            raise BadInput(f"split '{split}' row {row}: label {v!r} is outside [0, {num_labels}) (model.num_labels={num_labels})")
-    for col in filter(None, (cfg.text_column, cfg.text_pair_column)):
-        for row, t in enumerate(ds[col]):
-            if not isinstance(t, str):
-                raise BadInput(f"split '{split}' row {row}: text column '{col}' holds {type(t).__name__}, expected a string")
-    return ds
-
+from harness.schedule import eval_batch_size, global_batch, steps_in_epoch
+from harness.sources import load_split
 
 def stratified_indices(labels: list[int], n: int, seed: int) -> list[int]:
     """A seeded subset of n indices keeping each class's share (largest remainder), sorted.
@@ -261,6 +116,20 @@ def build_split(cfg: DataConfig, split: str, tokenizer, n: Optional[int], seed: 
             f"{a} [PAIR] {b}" for a, b in zip(ds[cfg.text_column], ds[cfg.text_pair_column])]
         tokenized = tokenized.add_column("text", [t[:200] for t in texts])
     return tokenized
+
+
+def pad_token_id(tokenizer) -> int:
+    """What batches are padded with: the tokenizer's pad token, else 0 (the mask hides it either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+# What a batch hands the model (the rest, labels and per-example records, stays with the loop and the metrics):
+# token_index and offsets carry model.unpadded's packing (Collator(unpadded=True)).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "token_index", "offsets")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def pad_multiple(configured, compiled: bool, on_gpu: bool) -> int:
@@ -382,19 +251,13 @@ def training_data(cfg, tokenizer, accelerator):
 
     Each node's first process tokenizes and fills the datasets cache; the others then read it.
     """
-    from torch.utils.data import DataLoader
-
-    from harness.evaluation import eval_dataloader
-    from harness.schedule import eval_batch_size
-
     t, d, m = cfg.train, cfg.data, cfg.model
     with accelerator.local_main_process_first():
         train_ds = build_split(d, d.train_split, tokenizer, d.train_samples, t.seed, m.label_names, m.num_labels)
         eval_ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, t.seed, m.label_names, m.num_labels)
     # Each new padded length costs attention plans and compiled graphs on GPUs: few lengths there.
     multiple = pad_multiple(d.pad_multiple, t.compile, accelerator.device.type == "cuda")
-    collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, multiple, max_length=d.max_length,
-                       unpadded=m.unpadded)
+    collate = Collator(pad_token_id(tokenizer), multiple, max_length=d.max_length, unpadded=m.unpadded)
     sampler = StepBatchSampler(train_ds["length"], t.per_device_batch_size, t.grad_accum_steps,
                                accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length)
     # Not passed to prepare(): the sampler already gives each rank its own batches. The loaders get their
@@ -404,3 +267,12 @@ def training_data(cfg, tokenizer, accelerator):
                           pin_memory=torch.cuda.is_available(), generator=torch.Generator())
     eval_dl = eval_dataloader(eval_ds, eval_batch_size(t), collate, d.num_workers)
     return train_ds, eval_ds, sampler, train_dl, eval_dl
+
+
+def eval_dataloader(dataset, batch_size: int, collate_fn, num_workers: int = 0) -> DataLoader:
+    """Longest examples first (little padding, and an out-of-memory shows at once); the order is fixed."""
+    lengths = dataset["length"]
+    ordered = dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+    # Its own generator: starting an epoch of it must not draw from the global RNG (training's dropout stream).
+    return DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers,
+                      generator=torch.Generator())

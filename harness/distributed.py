@@ -5,20 +5,17 @@ The launch config alone decides the hardware; the code path is the same everywhe
 
 from __future__ import annotations
 
-import faulthandler
 import importlib.util
 import json
 import os
-import signal
-import sys
-import threading
-import time
+import platform
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
 from harness.config import TrainConfig
 from harness.errors import BadInput
@@ -33,24 +30,6 @@ def deepspeed_requested() -> bool:
 def fsdp_requested() -> bool:
     """`accelerate launch` with an FSDP config sets this in every process it starts."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def bf16_master_weights(bf16_mode: str) -> bool:
-    """Whether this run keeps bf16 weights with fp32 masters (train.bf16_mode=master_weights under a bf16
-    launch config); refused, naming the reason, where the launch config's engine decides precision itself.
-    `auto`: master weights on a GPU with one process or DDP (1.27x autocast's samples/s at batch 128 on an
-    H100), autocast on CPUs (a wash there) and wherever DeepSpeed or FSDP decide precision."""
-    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "bf16":
-        return False
-    if bf16_mode == "auto":
-        on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() != "true"
-        return on_gpu and not (deepspeed_requested() or fsdp_requested())
-    if bf16_mode != "master_weights":
-        return False
-    if deepspeed_requested() or fsdp_requested():
-        raise BadInput("train.bf16_mode=master_weights is for one process or DDP: with DeepSpeed or FSDP launch configs, "
-                       "their own bf16 settings decide (DeepSpeed keeps fp32 master weights already)")
-    return True
 
 
 def collective_timeout(stall_timeout_s: Optional[float]) -> Optional[timedelta]:
@@ -102,9 +81,6 @@ def _fsdp_on_cpu_ranks(accelerator: Accelerator) -> None:
     copies of the model. Here the shared state is switched to FSDP with the plugin the launcher described,
     so `prepare` shards the model with `fully_shard` exactly as on GPUs, and collectives run over gloo.
     """
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
     plugin = FullyShardedDataParallelPlugin()  # read from the launcher's FSDP_* variables
     if accelerator.state.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.state.mixed_precision)
@@ -245,123 +221,8 @@ def fill_deepspeed(config: dict, values: dict) -> dict:
     return config
 
 
-class StopFlag:
-    """SIGTERM / SIGUSR1 (what Slurm sends before preemption or the time limit) ask for a clean stop.
-
-    The handler only records the request. `should_stop` is called by every rank at every optimizer-step
-    boundary. With several processes it is a collective that never waits for the GPU: a MAX all-reduce of
-    a CPU flag over a gloo group, started at one step and read at the next, so a signal that reached one
-    rank stops all of them at the same step (one step after it arrived), and none waits forever in a
-    collective the others skipped. A second signal changes nothing.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._previous = {}
-        self._group = None
-        self._pending = None  # (work, tensor) of the all-reduce started at the previous step
-
-    def install(self, accelerator=None, timeout: Optional[timedelta] = None) -> "StopFlag":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        if accelerator is not None and accelerator.num_processes > 1:
-            import torch.distributed as dist
-
-            # every rank creates it (a collective); gloo keeps the flag on the CPU, away from CUDA streams
-            self._group = dist.new_group(backend="gloo", timeout=timeout)
-        return self
-
-    def uninstall(self) -> None:
-        if self._pending is not None:  # every rank started it: finish it so that no rank leaves one behind
-            self._pending[0].wait()
-            self._pending = None
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signum
-
-    def should_stop(self) -> bool:
-        local = self.received is not None
-        if self._group is None:
-            return local
-        import torch.distributed as dist
-
-        decided = False
-        if self._pending is not None:
-            work, flag = self._pending
-            work.wait()
-            decided = bool(flag.item() > 0)  # a CPU tensor: no device synchronisation
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
-        return decided
-
-
-class StallWatchdog:
-    """`train.stall_timeout_s`: a thread on every rank that ends a rank which stopped making progress.
-
-    `beat()` marks progress: every optimizer step, every evaluation batch, and each rank's entry to and exit
-    from a checkpoint or model write. When no beat came for the bound, the rank prints one line and the Python
-    stacks of all its threads (faulthandler) to stderr, records the reason in the run folder and exits with
-    status 4, so the launcher ends the job (a peer waiting in a collective trips its own watchdog the same way).
-    The clock starts at the first step, after loading and `prepare`; until the first step is done the bound is
-    tripled (a compiled model's first step compiles; cuDNN plans are built). Evaluations and checkpoint writes
-    beat as they go, so only one evaluation batch or one write longer than the bound counts as a stall.
-    """
-
-    FIRST_STEP_FACTOR = 3
-    EXIT_CODE = 4
-
-    def __init__(self, timeout_s: Optional[float], rank: int, on_stall: Callable[[str], None] = lambda reason: None):
-        self.timeout_s, self.rank, self.on_stall = timeout_s, rank, on_stall
-        self.step, self.stepped = 0, False
-        self._last = time.monotonic()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        fault_step, fault_rank = os.environ.get("HARNESS_FAULT_STALL_STEP"), os.environ.get("HARNESS_FAULT_STALL_RANK")
-        self._fault = int(fault_step) if fault_step and (fault_rank is None or int(fault_rank) == rank) else None
-
-    def start(self) -> "StallWatchdog":
-        if self.timeout_s:
-            self._last = time.monotonic()
-            self._thread = threading.Thread(target=self._watch, name="harness-stall-watchdog", daemon=True)
-            self._thread.start()
-        return self
-
-    def beat(self, step: Optional[int] = None) -> None:
-        self._last = time.monotonic()
-        if step is not None:
-            self.step, self.stepped = step, True
-            if self._fault == step:  # fault injection for tests: this rank hangs after this step
-                print(f"harness: fault injection: rank {self.rank} stalls after step {step}", file=sys.stderr, flush=True)
-                time.sleep(3600)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _watch(self) -> None:
-        poll = min(5.0, self.timeout_s / 10)
-        while not self._stop.wait(poll):
-            idle = time.monotonic() - self._last
-            if idle > self.timeout_s * (1 if self.stepped else self.FIRST_STEP_FACTOR):
-                self._fire(idle)
-
-    def _fire(self, idle: float) -> None:
-        import tempfile
-
-        reason = (f"rank {self.rank} made no training progress for {idle:.0f} s (train.stall_timeout_s="
-                  f"{self.timeout_s:g}; last completed step {self.step}); stopped by the stall watchdog")
-        try:
-            with tempfile.TemporaryFile("w+") as f:  # faulthandler writes to a file descriptor, unbuffered
-                faulthandler.dump_traceback(file=f, all_threads=True)
-                f.seek(0)
-                stacks = "".join(f"[rank {self.rank}] {line}" for line in f)  # ranks share stderr: label each line
-            sys.stderr.write(f"harness: error: {reason}; the stacks of its threads follow\n{stacks}")
-            sys.stderr.flush()
-            self.on_stall(reason)
-        finally:
-            os._exit(self.EXIT_CODE)
+def device_name(device: torch.device) -> str:
+    """The device in words, for launches.jsonl: the GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"

@@ -1,8 +1,5 @@
-"""The exceptions the CLI turns into one line on stderr: bad input (exit 2), a diverged run (exit 3), a
-write that failed (exit 5; a full disk, a quota, an I/O error). The stall watchdog exits 4 itself.
-
-Anything else is a bug (exit 1).
-"""
+"""The errors a run can end with, and the exit code of each: the one table the CLI, the stall watchdog and the
+Slurm job script follow."""
 
 
 class BadInput(ValueError):
@@ -15,6 +12,16 @@ class TrainingDiverged(RuntimeError):
 
 class WriteFailed(RuntimeError):
     """A checkpoint or model write failed; the previous complete one is untouched and every rank stopped."""
+
+
+# 0 success, 1 a bug (anything not below); the stall watchdog ends its process itself with EXIT_STALLED.
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STALLED, EXIT_WRITE_FAILED = 2, 3, 4, 5
+EXIT_CODES = {BadInput: EXIT_BAD_INPUT, TrainingDiverged: EXIT_DIVERGED, WriteFailed: EXIT_WRITE_FAILED}
+KNOWN_ERRORS = tuple(EXIT_CODES)
+
+
+def exit_code(error: BaseException) -> int:
+    return next((code for cls, code in EXIT_CODES.items() if isinstance(error, cls)), 1)
 
 
 def first_line(e: BaseException) -> str:

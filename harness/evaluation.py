@@ -6,13 +6,13 @@ out the last batch, so `num_examples` equals the eval set's size for any number 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from harness.checkpoint import Progress
+from harness.config import METRICS, TrainConfig
+from harness.data import model_inputs
 
 DETAILS = ("row", "length", "full_length")  # what a batch must carry (Collator extras) for `details`
 
@@ -29,9 +29,7 @@ def evaluate(model, dataloader: DataLoader, accelerator, num_labels: int, on_bat
     preds, labels, losses, extra = [], [], [], {k: [] for k in ("probs", *DETAILS)}
     for batch in dataloader:
         on_batch()
-        # token_index and offsets: a model.unpadded model packs the real tokens (its loader's batches carry them)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "token_index", "offsets") if k in batch}
-        logits = model(**inputs).logits.float()
+        logits = model(**model_inputs(batch)).logits.float()
         loss = F.cross_entropy(logits, batch["labels"], reduction="none")
         p, y, l = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
         preds.append(p.cpu())
@@ -84,90 +82,55 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, names: list[str]
     return {"labels": names, "rows": "true label", "columns": "predicted label", "matrix": counts.tolist()}
 
 
-def write_predictions(path: Path, details: dict, names: list[str], max_length: int, texts=None) -> None:
-    """predictions.jsonl: one line per example, ordered by its row in the split."""
-    with open(path, "w") as f:
-        for i in range(len(details["row"])):
-            row = {"id": int(details["row"][i]), "label": names[int(details["label"][i])],
-                   "predicted": names[int(details["pred"][i])],
-                   "probabilities": {n: round(float(p), 6) for n, p in zip(names, details["probs"][i])},
-                   "tokens": int(details["length"][i]), "truncated": int(details["full_length"][i]) > max_length}
-            if texts is not None:
-                row["text"] = texts[int(details["row"][i])]
-            f.write(json.dumps(row) + "\n")
+class Evaluator:
+    """When a run evaluates (train.eval_every, and at the end), what it keeps (best/, by train.best_metric) and
+    when it stops early (train.early_stopping_*). The metrics are the same on every rank: so is every decision."""
 
+    def __init__(self, t: TrainConfig, num_labels: int, accelerator, model, loader, log, exporter, best_dir, guard,
+                 watchdog, say):
+        self.t, self.num_labels, self.accelerator, self.model, self.loader = t, num_labels, accelerator, model, loader
+        self.log, self.exporter, self.best_dir, self.guard, self.watchdog, self.say = (
+            log, exporter, best_dir, guard, watchdog, say)
+        self.last_step, self.metrics = -1, {}
 
-def eval_dataloader(dataset, batch_size: int, collate_fn, num_workers: int = 0) -> DataLoader:
-    """Longest examples first (little padding, and an out-of-memory shows at once); the order is fixed."""
-    lengths = dataset["length"]
-    ordered = dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
-    # Its own generator: starting an epoch of it must not draw from the global RNG (training's dropout stream).
-    return DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers,
-                      generator=torch.Generator())
+    def maybe_run(self, state: Progress, epoch_ended: bool = False) -> None:
+        """After a step (`epoch_ended`: after the last step of an epoch), if the cadence says so."""
+        every = self.t.eval_every
+        if (every == "epoch") if epoch_ended else (isinstance(every, int) and state.step % every == 0):
+            if self.last_step != state.step:
+                self.run(state)
 
+    def final(self, state: Progress) -> dict:
+        """The metrics of the model as it ends: evaluated now unless this step was."""
+        if self.last_step != state.step:
+            self.run(state)
+        return self.metrics
 
-def saved_data_config(model_dir: Path, model, tokenizer):
-    """How a saved model's inputs were prepared: its training_config.yaml's data section, else (a model
-    from elsewhere) the head of each text up to the model's maximum length."""
-    from harness.checkpoint import TRAINING_CONFIG
-    from harness.config import DataConfig, load_config
+    def run(self, state: Progress) -> dict:
+        self.guard.check()
+        # a compiled model evaluates eagerly: a second (no-grad) graph per padded length would cost compile time
+        # (and CUDA-graph memory) for batches at which the GPU is busy anyway
+        with torch.compiler.set_stance("force_eager" if self.t.compile else "default"):
+            metrics = evaluate(self.model, self.loader, self.accelerator, self.num_labels, on_batch=self.watchdog.beat)
+        self.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items()})
+        self.say(f"step {state.step}: " + ", ".join(
+            f"eval {k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        if self.t.best_metric is not None:
+            self._keep_best(state, metrics)
+        self.last_step, self.metrics = state.step, metrics
+        return metrics
 
-    saved = Path(model_dir) / TRAINING_CONFIG
-    if saved.is_file():
-        return load_config(saved).data
-    limit = min(getattr(model.config, "max_position_embeddings", 512), tokenizer.model_max_length, 512)
-    return DataConfig(max_length=limit, truncation="head")
+    def _keep_best(self, state: Progress, metrics: dict) -> None:
+        value, higher = metrics[self.t.best_metric], METRICS[self.t.best_metric]
+        gain = None if state.best_value is None else (value - state.best_value if higher else state.best_value - value)
+        if gain is None or gain > 0:
+            state.best_value, state.best_step = value, state.step
+            self.exporter.export(self.best_dir, {"step": state.step, **metrics})
+        if gain is None or gain > self.t.early_stopping_min_delta:
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1
 
-
-def evaluate_saved(model_dir: str | Path, config: str | None = None, overrides=(), output: str | Path | None = None) -> dict:
-    """`harness evaluate`: score a saved model on every rank, with the data and preprocessing of its
-    training run (training_config.yaml beside it) unless --config names another recipe.
-
-    Writes to `output` (default: the model's folder) eval_results.json (macro and per-class metrics),
-    predictions.jsonl (every example once, by its row in the split) and confusion_matrix.json."""
-    import sys
-
-    from harness.checkpoint import TRAINING_CONFIG
-    from harness.config import load_config
-    from harness.data import Collator, build_split
-    from harness.distributed import build_accelerator
-    from harness.errors import BadInput
-    from harness.modeling import check_max_length, load_trained
-    from harness.schedule import eval_batch_size
-
-    model_dir = Path(model_dir)
-    if config is None and not (model_dir / TRAINING_CONFIG).is_file():
-        raise BadInput(f"evaluate: {model_dir} has no {TRAINING_CONFIG} (not exported by harness): give --config RECIPE")
-    cfg = load_config(config if config is not None else model_dir / TRAINING_CONFIG, overrides)
-    accelerator = build_accelerator()
-    model, tokenizer = load_trained(model_dir)
-    num_labels = model.config.num_labels
-    d = cfg.data
-    check_max_length(d.max_length, model.config, tokenizer)
-    output = Path(output) if output is not None else model_dir
-    if output.exists() and not output.is_dir():
-        raise BadInput(f"evaluate: --output {output} exists and is not a folder")
-    names = [model.config.id2label[i] for i in range(num_labels)]
-    with accelerator.local_main_process_first():
-        ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, cfg.train.seed, cfg.model.label_names, num_labels,
-                         keep_text=True)
-    texts = dict(zip(ds["row"], ds["text"])) if accelerator.is_main_process else None
-    dl = eval_dataloader(ds.remove_columns("text"), eval_batch_size(cfg.train),
-                         Collator(tokenizer.pad_token_id or 0, extras=DETAILS, max_length=d.max_length), d.num_workers)
-    model, dl = accelerator.prepare(model, dl)
-    details: dict = {}
-    metrics = evaluate(model, dl, accelerator, num_labels, details=details)
-    metrics["per_class"] = per_class(details["pred"], details["label"], names)
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_predictions(output / "predictions.jsonl", details, names, d.max_length, texts)
-        (output / "confusion_matrix.json").write_text(
-            json.dumps(confusion_matrix(details["pred"], details["label"], names), indent=2) + "\n")
-        per = ", ".join(f"{n}: P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f} (n={v['support']})"
-                        for n, v in metrics["per_class"].items())
-        print(f"evaluated {metrics['num_examples']} examples on {accelerator.num_processes} process(es); {per}; "
-              f"predictions in {output / 'predictions.jsonl'}", file=sys.stderr)
-        print(json.dumps(metrics), flush=True)
-    accelerator.end_training()
-    return metrics
+    def stop_early(self, state: Progress) -> bool:
+        patience = self.t.early_stopping_patience
+        return bool(patience) and state.evals_without_improvement >= patience

@@ -1,7 +1,7 @@
 """`train.cuda_graphs`: whole training steps captured as CUDA graphs, one per batch shape, and replayed.
 
-At a small batch a GPU step is bound by the host: the eager model dispatches 2,500-3,000 operators a step
-(benchmarks/step_ops.py), each costing microseconds of Python, dispatch and a kernel launch. A CUDA graph
+At a small batch a GPU step is bound by the host: the eager model dispatches thousands of operators a step,
+each costing microseconds of Python, dispatch and a kernel launch. A CUDA graph
 records the kernels of one whole step (forward, loss, backward, clipping, the optimizer) once and replays
 them with one launch; nothing is compiled, so capturing costs about one step per shape. With train.compile
 (compile_mode default or max-autotune-no-cudagraphs) the graph holds the compiled model's kernels, fused and fewer:
@@ -28,9 +28,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+
+from harness.config import Config, ModelConfig, TrainConfig
+from harness.errors import BadInput, first_line
 
 Step = Callable[[dict], tuple]  # batch -> (loss, grad_norm or None)
 
@@ -48,6 +51,65 @@ class CudaGraph:
 
     def replay(self) -> None:
         self.graph.replay()
+
+
+def config_clash(m: ModelConfig, t: TrainConfig) -> Optional[str]:
+    """What in the config keeps its steps from being captured as CUDA graphs (train.cuda_graphs), or None:
+    `true` refuses it, `auto` runs eagerly. The launch (processes, engine, device) is checked at the start."""
+    if t.compile_records_graphs:
+        return (f"train.compile_mode={t.compile_mode}, which records CUDA graphs of its own (a capture cannot "
+                f"hold another): use compile_mode default or max-autotune-no-cudagraphs")
+    if t.grad_accum_steps > 1:
+        return "train.grad_accum_steps above 1 (a graph replays a whole optimizer step)"
+    if m.unpadded:
+        return "model.unpadded (the packed length changes with every batch)"
+    return None
+
+
+def check_config(cfg: Config) -> None:
+    """train.cuda_graphs=true with a config that rules graphs out: refused before anything runs (train, plan)."""
+    clash = config_clash(cfg.model, cfg.train)
+    if cfg.train.cuda_graphs is True and clash:
+        raise BadInput(f"train.cuda_graphs does not go with {clash}")
+
+
+def launch_clash(num_processes: int, sharded: Optional[str], attn: str, mask_setting: str) -> Optional[tuple[str, str]]:
+    """What in the launch keeps steps from being captured: (why, the refusal of `true`), or None."""
+    if num_processes > 1 or sharded:
+        return (f"{sharded or f'{num_processes} processes'}: graphs of whole steps are for one process without "
+                f"DeepSpeed or FSDP",
+                "train.cuda_graphs runs one process without DeepSpeed or FSDP: launch it with "
+                "launch_configs/accelerate/single_gpu.yaml (or none)")
+    if attn != "sdpa" or mask_setting == "2d":  # transformers' mask check reads the GPU
+        return (f"{attn} attention with model.attention_mask={mask_setting}: graphs need SDPA with a 4D mask",
+                f"train.cuda_graphs needs SDPA attention with a 4D mask (model.attention_mask auto or 4d); "
+                f"this model runs {attn} attention with model.attention_mask={mask_setting}")
+    return None
+
+
+def backend_for(cfg: Config, device: torch.device, num_processes: int, sharded: Optional[str], attn: str,
+                say) -> Callable[[], object] | None:
+    """train.cuda_graphs decided for this run: a factory of graphs, or None for eager steps. `true` refuses (exit 2)
+    a launch where graphs cannot be; `auto` runs eagerly there, saying why on a GPU, and silently on CPUs."""
+    t = cfg.train
+    if t.cuda_graphs is False:
+        return None
+    launch = launch_clash(num_processes, sharded, attn, cfg.model.attention_mask)
+    if launch and t.cuda_graphs is True:
+        raise BadInput(launch[1])
+    new_graph = graph_backend(device)
+    if new_graph is None:
+        if t.cuda_graphs is True:
+            say(f"train.cuda_graphs: no CUDA device ({device.type}), the steps run eagerly")
+        return None
+    if t.cuda_graphs == "auto":  # what `true` would have refused, and a whole compiled model (not run on a GPU)
+        why = (launch and launch[0]) or config_clash(cfg.model, t) or (
+            "train.compile_scope=model: captures of a whole compiled model have not run on a GPU; "
+            "train.cuda_graphs=true asks for them" if t.compile and t.compile_scope == "model" else None)
+        if why:
+            say(f"train.cuda_graphs=auto: the steps run eagerly ({why})")
+            return None
+    return new_graph
 
 
 def graph_backend(device: torch.device) -> Callable[[], object] | None:
@@ -107,8 +169,6 @@ class StepGraphs:
             with self.quiet(), graph.capture():  # records the kernels without running them: the replay runs this batch
                 outputs = self.step(inputs)
         except Exception as e:  # noqa: BLE001 - whatever the reason, this shape trains eagerly
-            from harness.errors import first_line
-
             self.reset()
             self.failed[key] = first_line(e)
             shape = ", ".join(f"{name} {tuple(value.shape)}" for name, value in batch.items())

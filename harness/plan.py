@@ -17,14 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from transformers import AutoModelForSequenceClassification
 
 from harness.config import Config
-from harness.data import load_split
 from harness.distributed import describe_fsdp, describe_zero, deepspeed_values, fill_deepspeed, read_deepspeed_json
 from harness.errors import BadInput, first_line
+from harness.graphs import check_config as check_graphs_config
+from harness.modeling import check_max_length, check_weight_files, load_model_config, model_shape, resolve_model_path
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule, flops_upper_bound, training_flops_per_token
+from harness.sources import load_split
 
 
 @dataclass
@@ -49,8 +54,6 @@ def read_launch_config(path: Optional[str]) -> dict:
         raise BadInput(f"--launch-config {p} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise BadInput(f"--launch-config {p} must be a mapping")
-    from accelerate.commands.config.config_args import load_config_from_file
-
     try:  # what `accelerate launch` itself would refuse (unknown keys, bad values), refused here first
         load_config_from_file(str(p))
     except Exception as e:
@@ -121,12 +124,6 @@ def model_shape_offline(cfg: Config) -> Optional[tuple[int, int, int, int]]:
     """harness.modeling.model_shape of the configured model, built on the meta device (no weights), or None
     where a hub model's config cannot be read here (offline, no cache). Refuses a local model folder whose config
     cannot be read, weight files cut short and a data.max_length the model cannot take."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from harness.modeling import (check_max_length, check_weight_files, load_model_config, model_shape,
-                                  resolve_model_path)
-
     try:
         mc = load_model_config(cfg.model)
     except BadInput:
@@ -145,6 +142,7 @@ def model_shape_offline(cfg: Config) -> Optional[tuple[int, int, int, int]]:
 def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] = None,
          gpus_per_node: Optional[int] = None, env=os.environ) -> dict:
     t, d = cfg.train, cfg.data
+    check_graphs_config(cfg)
     world = world_from(read_launch_config(launch_config), nodes, gpus_per_node, env)
 
     ds_resolved = None
@@ -161,7 +159,7 @@ def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] 
     schedule = Schedule.of(t, n_train, world.processes)  # what a fresh run of this config does
     schedule.check_cadence(t)
     folder = RunFolder(t.output_dir)
-    start, checkpoint = folder.decide(cfg, warn=lambda m: None)
+    start, checkpoint = folder.decide(cfg)
 
     flops = None
     shape = model_shape_offline(cfg)

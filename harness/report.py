@@ -3,7 +3,7 @@
     harness report outputs/bert_base_imdb                          # writes outputs/bert_base_imdb/report.html
     harness report outputs/sweep/* --out sweep.html                 # curves overlaid, one table row per run
 
-It reads only the run folders (metrics.jsonl, config.yaml, sessions.jsonl, final/, best/, and the
+It reads only the run folders (metrics.jsonl, config.yaml, launches.jsonl, final/, best/, and the
 predictions.jsonl / confusion_matrix.json that `harness evaluate` writes beside a model), so it works on an
 unfinished or preempted run and on a copy of the folder on a laptop. Plots are PNGs embedded in the page
 (matplotlib, the `report` extra): nothing is fetched when the page is viewed.
@@ -19,12 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from harness.config import BEST_METRICS
+from harness.config import METRICS
 from harness.errors import BadInput
 
 TRAIN_CURVES = [("train/loss", "training loss"), ("train/lr", "learning rate"), ("train/grad_norm", "gradient norm"),
                 ("train/samples_per_s", "throughput (samples/s)")]
-SUMMARY_METRICS = ["accuracy", "f1", "precision", "recall", "loss"]
 
 
 class Run:
@@ -39,7 +38,8 @@ class Run:
         self.name = self.root.name
         self.records = self._jsonl(self.root / "metrics.jsonl")
         self.config = self._yaml(self.root / "config.yaml")
-        self.sessions = self._jsonl(self.root / "sessions.jsonl")
+        # the launch log, under the name harness 0.1 gave it too
+        self.launches = self._jsonl(self.root / "sessions.jsonl") + self._jsonl(self.root / "launches.jsonl")
         self.final = self._json(self.root / "final" / "eval_results.json")
         self.best = self._json(self.root / "best" / "eval_results.json")
         self.model_dir = next((d for d in (self.root / "final", self.root / "best")
@@ -89,15 +89,15 @@ class Run:
     def wall_time_s(self) -> float | None:
         """Sum over launches of (end - start); a launch killed without an end record (kill -9) is left out."""
         total, start = 0.0, None
-        for s in self.sessions:
+        for s in self.launches:
             if s.get("event") == "started":
                 start = s["time"]
             elif s.get("event") == "ended" and start is not None:
                 total, start = total + s["time"] - start, None
-        return total if self.sessions else None
+        return total if self.launches else None
 
     def hardware(self) -> str:
-        started = [s for s in self.sessions if s.get("event") == "started" and "processes" in s]
+        started = [s for s in self.launches if s.get("event") == "started" and "processes" in s]
         if not started:
             return "unknown"
         s = started[-1]
@@ -113,7 +113,7 @@ class Run:
         if not source:
             evals = [r for r in self.records if any(k.startswith("eval/") for k in r)]
             source = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
-        return {"status": self.status(), "steps": self.last_step(), **{m: source.get(m) for m in SUMMARY_METRICS},
+        return {"status": self.status(), "steps": self.last_step(), **{m: source.get(m) for m in METRICS},
                 "best": self.best_text(), "wall time": self.wall_time_s(), "samples/s": self.samples_per_s(),
                 "hardware": self.hardware()}
 
@@ -143,18 +143,18 @@ def comparison_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows (Markdown-ready strings); the best value of each metric column in bold."""
     diff = differing_keys(runs)
     summaries = [r.summary() for r in runs]
-    header = ["run", *diff, "status", "steps", *SUMMARY_METRICS, "best", "wall time (s)", "samples/s", "hardware"]
+    header = ["run", *diff, "status", "steps", *METRICS, "best", "wall time (s)", "samples/s", "hardware"]
     rows = []
     for run, s in zip(runs, summaries):
         flat = {f"{sec}.{k}": v for sec, vals in run.config.items() if isinstance(vals, dict) for k, v in vals.items()}
         rows.append([run.name, *(_fmt(flat.get(k)) for k in diff), s["status"], _fmt(s["steps"]),
-                     *(_fmt(s[m]) for m in SUMMARY_METRICS), _fmt(s["best"]), _fmt(s["wall time"]),
+                     *(_fmt(s[m]) for m in METRICS), _fmt(s["best"]), _fmt(s["wall time"]),
                      _fmt(s["samples/s"]), s["hardware"]])
     if len(runs) > 1:
-        for m in SUMMARY_METRICS:
+        for m in METRICS:
             values = [s[m] for s in summaries if s[m] is not None]
             if values:
-                best = max(values) if BEST_METRICS[m] else min(values)
+                best = max(values) if METRICS[m] else min(values)
                 col = header.index(m)
                 for row, s in zip(rows, summaries):
                     if s[m] == best:

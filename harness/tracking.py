@@ -8,21 +8,22 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import resource
 import time
 import warnings
 
 import torch
+from torch._dynamo.utils import counters
+from tqdm.auto import tqdm
+
+from harness.config import TRACKERS
+from harness.errors import BadInput
 
 
 def trackers(report_to) -> list[str]:
     """`train.report_to` as Accelerate's `log_with` list; a tracker that is not installed is bad input."""
-    import importlib.util
-
-    from harness.config import TRACKERS
-    from harness.errors import BadInput
-
     names = [report_to] if isinstance(report_to, str) else list(report_to)
     names = [n for n in names if n != "none"]
     for name in names:
@@ -117,6 +118,50 @@ class Throughput:
         return record
 
 
+class StepLogger:
+    """What a run reports as it trains: the progress bar; every train.log_every steps (and at the last) the
+    throughput window, loss, learning rate and gradient norm to metrics.jsonl and the trackers; once, the
+    first step's time and the dtype the forward computes in."""
+
+    def __init__(self, accelerator, log: MetricsLog, meter: Throughput, probe, log_every: int, total_steps: int,
+                 epoch_size: int, guard, say):
+        self.accelerator, self.log, self.meter, self.probe, self.guard, self.say = accelerator, log, meter, probe, guard, say
+        self.log_every, self.total_steps, self.epoch_size = log_every, total_steps, epoch_size
+        self.bar, self.first_tic = None, None
+
+    def start(self, step: int) -> None:
+        self.bar = tqdm(total=self.total_steps, initial=step, desc="train", disable=not self.accelerator.is_main_process)
+        self.first_tic = time.perf_counter()  # the first step apart: compilation, kernel plans and allocation
+
+    def after_step(self, state, lr: float, grad_norm) -> None:
+        self._first_step_once()
+        self.bar.update(1)
+        if state.step % self.log_every and state.step != self.total_steps:
+            return
+        self.guard.check()
+        record = self.meter.read()
+        record.update({"train/lr": lr, "train/samples_seen": state.samples_seen,
+                       "train/epoch": state.epoch + state.position / self.epoch_size})
+        if grad_norm is not None:
+            record["train/grad_norm"] = float(grad_norm)
+        self.log.log(state.step, record)
+        self.bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}")
+
+    def _first_step_once(self) -> None:
+        if self.probe is not None:  # what the launch config's precision really gave the forward
+            self.say(f"compute dtype {self.probe.remove()} (the classifier layer's output)")
+            self.probe = None
+        if self.first_tic is not None:
+            if self.accelerator.device.type == "cuda":
+                torch.cuda.synchronize()  # once, outside the steady state
+            self.say(f"first step in {time.perf_counter() - self.first_tic:.2f} s (compilation, plans and allocation included)")
+            self.first_tic = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class DtypeProbe:
     """The dtype the forward really computes in, read off the model's last Linear layer at the first step.
 
@@ -138,66 +183,11 @@ class DtypeProbe:
         return None if self.dtype is None else str(self.dtype).replace("torch.", "")
 
 
-class NonFiniteGuard:
-    """Stops a run whose loss or gradient norm became NaN or infinite, before anything is saved from it.
-
-    Every micro-batch adds to a device-side record of the first bad step (no host synchronisation); the
-    record is all-reduced (MIN over ranks) and read only where the run acts: log steps, evaluations and
-    every save. A bad value on any rank then stops every rank at the same step with TrainingDiverged.
-    Fault injection for tests: HARNESS_FAULT_NONFINITE_STEP=N (and HARNESS_FAULT_NONFINITE_RANK=R, default
-    every rank) multiplies that step's loss by NaN before the backward.
-    """
-
-    NONE = 2**62
-
-    def __init__(self, accelerator):
-        import os
-
-        self.accelerator = accelerator
-        self.first_bad = torch.full((), self.NONE, dtype=torch.long, device=accelerator.device)
-        step, rank = os.environ.get("HARNESS_FAULT_NONFINITE_STEP"), os.environ.get("HARNESS_FAULT_NONFINITE_RANK")
-        self.fault_step = int(step) if step else None
-        self.fault_here = rank is None or int(rank) == accelerator.process_index
-
-    def inject(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        if self.fault_step == step and self.fault_here:
-            return loss * float("nan")
-        return loss
-
-    def observe(self, step: int, loss: torch.Tensor, grad_norm=None) -> None:
-        bad = ~torch.isfinite(loss.detach().float())
-        if isinstance(grad_norm, torch.Tensor):
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor (every rank calls this)
-                grad_norm = grad_norm.full_tensor()
-            bad = bad | ~torch.isfinite(grad_norm.detach().float().to(bad.device))
-        self.first_bad = torch.where(bad, torch.minimum(self.first_bad, torch.full_like(self.first_bad, step)), self.first_bad)
-
-    def check(self, newest_good) -> None:
-        """Collective: every rank calls it at the same points. Raises on every rank if any rank saw a bad value."""
-        first = self.first_bad.clone()
-        if self.accelerator.num_processes > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        first = int(first.item())
-        if first != self.NONE:
-            from harness.errors import TrainingDiverged
-
-            checkpoint = newest_good() or "none (start again)"
-            raise TrainingDiverged(
-                f"the loss or gradient norm became non-finite at step {first}; nothing was saved after it. "
-                f"Newest good checkpoint: {checkpoint}; resume from it with a lower train.lr "
-                f"(train.resume=PATH), or check the data of that step"
-            )
-
-
 def compile_report(cuda_graphs: bool = False) -> str:
     """How many graphs torch.compile built in this process, and where it fell back to Python (graph breaks);
     with `cuda_graphs` (compile modes that record them), for how many compiled graphs (forward and backward count
     apart) inductor skipped the CUDA graph: always on CPUs, and on GPUs for reasons its log gives (a skipped
     graph runs compiled, without the graph: no error, only slower)."""
-    from torch._dynamo.utils import counters
-
     breaks = sum(counters["graph_break"].values())
     report = f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled, {breaks} graph break(s)"
     if cuda_graphs:

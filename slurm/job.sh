@@ -42,7 +42,7 @@ if [ "$preempted" = 1 ] && [ "$status" = 0 ]; then
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi
-# a stall (exit 4), a failed write (5), a non-finite loss (3): the run folder says which, and nothing is requeued
+# any other failure (exit codes: harness/errors.py): the run folder says why, and nothing is requeued
 out_dir=$(python -m harness plan --config "$CONFIG" --get train.output_dir "$@" 2>/dev/null)
 reason=
 if [ -n "$out_dir" ] && [ -f "$out_dir/stop_reason.txt" ]; then reason=": $(head -n 1 "$out_dir/stop_reason.txt")"; fi
