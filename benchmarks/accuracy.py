@@ -49,7 +49,8 @@ def run_trainer(args) -> dict:
                               TrainingArguments)
 
     from harness.config import DataConfig
-    from harness.data import load_split, subset
+    from harness.data import subset
+    from harness.sources import load_split
     from harness.modeling import resolve_model_path
 
     path = resolve_model_path(args.model)

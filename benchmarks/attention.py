@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.modeling import attention_mask_for, packed_attention
+from harness.attention import attention_mask_for, packed_attention
 
 GPU_KERNELS = ("sdpa_masked", "sdpa_masked_cudnn", "sdpa_masked_efficient", "flash_varlen")  # by default
 CPU_KERNELS = ("sdpa_masked", "runs")

@@ -1,4 +1,4 @@
-"""Dropout on the CPU: torch's against train.cpu_dropout=fast (harness.modeling.FastCpuDropout), forward and backward.
+"""Dropout on the CPU: torch's against train.cpu_dropout=fast (harness.dropout.FastCpuDropout), forward and backward.
 
     python -m benchmarks.cpu_dropout                      # MiniLM's attention at batch 8, 264 tokens, bf16 autocast
     python -m benchmarks.cpu_dropout --batch 8 --length 512 --heads 12 --head-size 64 --dtype fp32
@@ -21,7 +21,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from harness.modeling import FastCpuDropout, dropout_multiplier
+from harness.dropout import FastCpuDropout, dropout_multiplier
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

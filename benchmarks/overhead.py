@@ -81,7 +81,8 @@ def run_bare(args) -> dict:
     from accelerate.utils import set_seed
 
     from harness.data import training_data
-    from harness.modeling import build_optimizer, linear_schedule, load_model, load_tokenizer
+    from harness.modeling import load_model, load_tokenizer
+    from harness.optim import build_optimizer, linear_schedule
 
     cfg = recipe(args, Path(tempfile.mkdtemp()) / "run", "harness")
     accelerator = Accelerator()  # only for the data loader's sharding (one process) and the launch precision

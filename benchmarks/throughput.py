@@ -68,7 +68,8 @@ def parse_args(argv=None):
 
 def load_reviews(args):
     from harness.config import DataConfig
-    from harness.data import load_split, subset
+    from harness.data import subset
+    from harness.sources import load_split
 
     ds = load_split(DataConfig(dataset=args.data), "train", None, 2)
     return subset(ds, args.samples, "label", seed=0)

@@ -9,11 +9,17 @@ from typing import Optional
 import torch
 
 from harness.attention import attention_mask_for, mask_format
-from harness.config import Config
+from harness.config import Config, TrainConfig
 from harness.data import model_inputs
 from harness.dropout import FastCpuDropout
 from harness.graphs import StepGraphs, backend_for
 from harness.tracking import SyncWatch, compile_report
+
+
+def fast_dropout(t: TrainConfig, device: torch.device) -> bool:
+    """train.cpu_dropout=fast applies: torch's dropout on CPUs draws one Bernoulli number per element, harness's
+    in bulk; compiled graphs and GPU kernels draw their own."""
+    return t.cpu_dropout == "fast" and device.type == "cpu" and not t.compile
 
 
 class Stepper:
@@ -27,12 +33,10 @@ class Stepper:
         self.guard, self.meter, self.max_grad_norm, self.compiled = guard, meter, t.max_grad_norm, t.compile
         self.compile_records_graphs = t.compile_records_graphs
         self.watch = SyncWatch(t.sync_debug)
-        self.attn = model.config._attn_implementation  # what was loaded (sdpa falls back to eager where unsupported)
+        # what was loaded (sdpa falls back to eager where unsupported), read off the model inside any wrapper
+        self.attn = accelerator.unwrap_model(model).config._attn_implementation
         device = accelerator.device
-        fast_dropout = t.cpu_dropout == "fast" and device.type == "cpu" and not t.compile
-        # torch's dropout on CPUs draws one Bernoulli number per element: harness.dropout draws them in bulk
-        self.dropout_mode = FastCpuDropout() if fast_dropout else contextlib.nullcontext()
-        self.dropout_note = ", dropout drawn by harness (train.cpu_dropout=fast)" if fast_dropout else ""
+        self.dropout_mode = FastCpuDropout() if fast_dropout(t, device) else contextlib.nullcontext()
         new_graph = backend_for(cfg, device, accelerator.num_processes, sharded, self.attn, say)
         self.graphs = None if new_graph is None else StepGraphs(
             self.micro_step, optimizer, device, new_graph, self._reset, say, quiet=self.watch.paused)

@@ -40,7 +40,7 @@ from harness.optim import build_optimizer, linear_schedule
 from harness.precision import MasterWeights, bf16_master_weights, precision_in_words
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule
-from harness.stepper import Stepper
+from harness.stepper import Stepper, fast_dropout
 from harness.tracking import DtypeProbe, MetricsLog, StepLogger, Throughput, trackers
 
 
@@ -147,8 +147,8 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
     ctx.log = MetricsLog(acc, run, cfg, resume_step=state.step if checkpoint else None)
     guard = NonFiniteGuard(acc, functools.partial(latest_checkpoint, run.root), ctx.faults)
     meter = Throughput(acc, model_flops, peak_flops(t.peak_flops))
+    announce(cfg, ctx, state, schedule, sampler, (len(train_ds), len(eval_ds)), masters is not None)
     stepper = Stepper(cfg, acc, model, optimizer, scheduler, guard, meter, sharding(acc), ctx.say)
-    announce(cfg, ctx, state, schedule, sampler, (len(train_ds), len(eval_ds)), masters is not None, stepper)
     exporter = Exporter(acc, model, tokenizer, masters, cfg.to_yaml(), ctx.watchdog, ctx.faults)
     ctx.install_stop_flag()
     ctx.parts = Parts(
@@ -193,12 +193,13 @@ def build_model(cfg: Config, ctx: RunContext, schedule: Schedule):
 
 
 def announce(cfg: Config, ctx: RunContext, state: Progress, schedule: Schedule, sampler: StepBatchSampler,
-             sizes: tuple[int, int], master_weights: bool, stepper: Stepper) -> None:
+             sizes: tuple[int, int], master_weights: bool) -> None:
     """The run's start, said once and written to launches.jsonl: parallelism, precision, sizes and steps."""
     acc, t = ctx.accelerator, cfg.train
     parallelism = sharding(acc) or ("DDP" if acc.num_processes > 1 else "one process")
     precision = precision_in_words(acc.mixed_precision, master_weights)
-    ctx.say(f"parallelism: {parallelism} on {acc.device.type}, mixed precision {precision}{stepper.dropout_note}")
+    dropout = ", dropout drawn by harness (train.cpu_dropout=fast)" if fast_dropout(t, acc.device) else ""
+    ctx.say(f"parallelism: {parallelism} on {acc.device.type}, mixed precision {precision}{dropout}")
     if acc.is_main_process:
         ctx.run.record_launch(event="started", step=state.step, processes=acc.num_processes,
                               device=device_name(acc.device), mixed_precision=precision, parallelism=parallelism,

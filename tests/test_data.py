@@ -6,9 +6,8 @@ import pytest
 from datasets import Dataset
 
 from harness.config import DataConfig
-from harness.data import (
-    Collator, StepBatchSampler, epoch_order, load_split, stratified_indices, subset, synthetic_split, tokenize,
-)
+from harness.data import Collator, StepBatchSampler, epoch_order, stratified_indices, subset, tokenize
+from harness.sources import load_split, synthetic_split
 from harness.errors import BadInput
 from tests.helpers import IMDB_SAMPLE
 

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from harness.config import load_config
-from harness.distributed import (StopFlag, check_world_size, configure_fsdp, deepspeed_values, fill_deepspeed)
+from harness.distributed import check_world_size, configure_fsdp, deepspeed_values, fill_deepspeed
+from harness.guards import StopFlag
 from harness.errors import BadInput
 
 

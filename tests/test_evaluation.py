@@ -63,7 +63,7 @@ def test_two_ranks_evaluate_every_example_once_with_the_same_metrics(tmp_path, d
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
         assert a["predicted"] == max(a["probabilities"], key=a["probabilities"].get)
     # the rows are the split's rows: each text and label is the synthetic split's own
-    from harness.data import synthetic_rows
+    from harness.sources import synthetic_rows
 
     split = synthetic_rows("test")
     names = ["LABEL_0", "LABEL_1"]  # the model's id2label: it was saved without label names

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from harness import trainer
+from harness import graphs, stepper, trainer
 from harness.config import load_config
 from harness.errors import BadInput
 from harness.graphs import StepGraphs
@@ -168,8 +168,8 @@ def test_every_replay_draws_new_dropout_masks(dropout):
 def graph_run(tmp_path, tiny_model, name: str, monkeypatch, cuda_graphs, capture: bool = True, data=None, **train):
     """`harness train` in this process, its graphs the CPU stand-in (CI has no CUDA); `capture=False`: the loop of
     train.cuda_graphs (the learning rate a tensor) with every step eager."""
-    monkeypatch.setattr(trainer, "graph_backend", lambda device: TapeGraph)
-    monkeypatch.setattr(trainer, "StepGraphs", StepGraphs if capture else functools.partial(StepGraphs, warmup=10**9))
+    monkeypatch.setattr(graphs, "graph_backend", lambda device: TapeGraph)
+    monkeypatch.setattr(stepper, "StepGraphs", StepGraphs if capture else functools.partial(StepGraphs, warmup=10**9))
     cfg = write_config(tmp_path / f"{name}.yaml", tiny_model, tmp_path / name,
                        data={"train_samples": 48, "max_length": 24, **(data or {})},
                        train={"epochs": 2, "eval_every": 6, "cuda_graphs": cuda_graphs, **train})
@@ -306,17 +306,15 @@ def test_auto_steps_eagerly_on_several_processes_where_true_is_refused(monkeypat
     and no CUDA; the real two-rank refusal of `true` is test_several_processes_are_refused_in_one_line)."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(trainer, "graph_backend", lambda device: TapeGraph)
-    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), distributed_type="MULTI_GPU",
-                                  state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=None))
+    monkeypatch.setattr(graphs, "graph_backend", lambda device: TapeGraph)
     said = []
     for value in ("auto", True, False):
         cfg = load_config(None, [f"train.cuda_graphs={str(value).lower()}"])
         if value is True:
             with pytest.raises(BadInput, match="train.cuda_graphs runs one process without DeepSpeed or FSDP"):
-                trainer.step_graphs(accelerator, None, None, None, "sdpa", cfg, said.append, None)
+                graphs.backend_for(cfg, torch.device("cuda"), 2, None, "sdpa", said.append)
         else:
-            assert trainer.step_graphs(accelerator, None, None, None, "sdpa", cfg, said.append, None) is None
+            assert graphs.backend_for(cfg, torch.device("cuda"), 2, None, "sdpa", said.append) is None
     assert said == ["train.cuda_graphs=auto: the steps run eagerly (2 processes: graphs of whole steps are for one "
                     "process without DeepSpeed or FSDP)"]
 
@@ -336,3 +334,22 @@ def test_several_processes_are_refused_in_one_line(tmp_path, tiny_model):
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
     assert "harness: error: train.cuda_graphs runs one process without DeepSpeed or FSDP" in r.stderr
     assert "Traceback" not in r.stderr.split("exitcode")[0], r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["train.grad_accum_steps=2"], "train.cuda_graphs does not go with train.grad_accum_steps"),
+    (["train.compile=true", "train.compile_mode=reduce-overhead"],
+     "train.cuda_graphs does not go with train.compile_mode=reduce-overhead, which records CUDA graphs of its own"),
+    (["train.compile=true", "train.compile_mode=max-autotune"], "train.cuda_graphs does not go with train.compile_mode=max-autotune"),
+    (["model.unpadded=true"], "train.cuda_graphs does not go with model.unpadded"),
+])
+def test_true_with_a_config_that_rules_graphs_out_is_refused_by_plan(tmp_path, overrides, fragment, capsys):
+    """`harness plan` (and `harness train`, before it tokenizes anything) refuse it in one line, exit 2."""
+    from harness.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {{dataset: synthetic, train_samples: 64, eval_samples: 16}}\ntrain: {{output_dir: {tmp_path / 'run'}}}\n")
+    assert main(["plan", "--config", str(recipe), "train.cuda_graphs=true", *overrides]) == 2
+    assert f"harness: error: {fragment}" in capsys.readouterr().err
+    for auto in (["train.cuda_graphs=auto"], ["train.cuda_graphs=false"]):  # the same config runs eagerly
+        graphs.check_config(load_config(recipe, auto + overrides))

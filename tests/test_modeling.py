@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from harness.modeling import build_optimizer, compile_model, linear_schedule, repeated_blocks, resolve_model_path
+from harness.modeling import compile_model, repeated_blocks, resolve_model_path
+from harness.optim import build_optimizer, linear_schedule
 from harness.errors import BadInput
 from tests.helpers import harness, ok, write_config
 
@@ -80,7 +81,7 @@ def test_the_4d_sdpa_mask_gives_the_2d_masks_outputs_and_matches_eager_attention
     handling computes, and SDPA matches the eager-attention reference within the precision's tolerance."""
     from transformers import AutoModelForSequenceClassification
 
-    from harness.modeling import attention_mask_for
+    from harness.attention import attention_mask_for
 
     sdpa = AutoModelForSequenceClassification.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
     eager = AutoModelForSequenceClassification.from_pretrained(tiny_model, attn_implementation="eager").eval()

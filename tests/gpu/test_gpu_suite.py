@@ -48,7 +48,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 
     import pandas as pd
 
-    from harness.data import synthetic_rows
+    from harness.sources import synthetic_rows
 
     out = tmp_path_factory.mktemp("tiny-bert")
     words = set()
@@ -249,7 +249,7 @@ def test_unpadded_attention_runs_flash_varlen_and_matches_masked_sdpa_in_bf16():
     """model.unpadded's GPU kernel: bf16 inputs take FlashAttention's variable-length kernel, called directly (not
     through nested tensors, whose host cost made a step 4x slower on an H100), and its outputs and gradients agree
     with padded, masked SDPA within bf16's tolerance."""
-    from harness.modeling import packed_attention, packed_kernel
+    from harness.attention import packed_attention, packed_kernel
 
     torch.manual_seed(0)
     lengths, heads, size = [300, 7, 512, 64, 64, 1], 12, 64

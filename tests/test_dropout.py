@@ -1,5 +1,5 @@
 """`train.cpu_dropout: fast`: dropout on CPUs drawn four masks to a 64-bit random number, and attention with dropout
-without SDPA's math fallback (harness.modeling.FastCpuDropout). The same distribution and the same formulas as
+without SDPA's math fallback (harness.dropout.FastCpuDropout). The same distribution and the same formulas as
 torch's, checked against references built from the same masks; the training loop uses it on CPUs only."""
 
 import math
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from harness.modeling import FastCpuDropout, dropout_multiplier
+from harness.dropout import FastCpuDropout, dropout_multiplier
 from tests.helpers import dropout_free, harness, losses, ok, write_config
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from harness.cli import main
 from harness.errors import BadInput
-from harness.run_folder import RunFolder, RunLock
+from harness.lock import RunLock
+from harness.run_folder import RunFolder
 from tests.helpers import REPO, harness, ok, write_config
 
 

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from harness.distributed import bf16_master_weights
+from harness.precision import bf16_master_weights
 from harness.errors import BadInput
-from harness.modeling import MasterWeights
+from harness.precision import MasterWeights
 from tests.helpers import CPU_LAUNCH, launch, losses, ok, write_config
 
 # The shipped CPU launch config trains in fp32; the GPU ones ship `mixed_precision: bf16`, asked for here on the

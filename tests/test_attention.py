@@ -12,7 +12,8 @@ import torch
 from harness.config import ModelConfig
 from harness.data import Collator
 from harness.errors import BadInput
-from harness.modeling import load_model, make_unpadded
+from harness.attention import make_unpadded
+from harness.modeling import load_model
 from tests.helpers import dropout_free, harness, losses, ok, write_config
 
 
@@ -53,7 +54,7 @@ def flash_stand_in(query, key, value, cu_seqlens, max_seqlen, dropout, scale):
 
 def force_kernel(monkeypatch, kernel):
     """Run packed_attention's `kernel` on the CPU: `jagged` (nested tensors), or `flash` through flash_stand_in."""
-    import harness.modeling as modeling
+    import harness.attention as modeling
 
     monkeypatch.setattr(modeling, "packed_kernel", lambda query: kernel)
     if kernel == "flash":
@@ -146,7 +147,7 @@ def test_compiled_layers_run_the_packed_attention_eagerly_and_train_like_the_eag
 def test_packed_attention_attends_within_each_example_like_masked_sdpa(kernel, monkeypatch):
     """The kernels of packed_attention, run here on the CPU: `jagged` and `flash` are what GPUs run (flash's CUDA
     kernel stood in for), so their layouts, offsets and gradients are checked even where no GPU is."""
-    import harness.modeling as modeling
+    import harness.attention as modeling
 
     if kernel == "flash":
         monkeypatch.setattr(modeling, "flash_varlen", flash_stand_in)
@@ -188,7 +189,7 @@ def test_packed_attention_attends_within_each_example_like_masked_sdpa(kernel, m
 def test_the_flash_kernel_call_is_one_torch_accepts_forward_and_backward():
     """The real FlashAttention operator, on meta tensors (no device, no arithmetic): torch's own shape and dtype
     checks accept harness's call, dropout included, and its autograd formula gives each input a gradient."""
-    from harness.modeling import packed_attention
+    from harness.attention import packed_attention
 
     tokens, heads, size = 21, 3, 64
     leaves = [torch.empty(1, tokens, heads, size, device="meta", dtype=torch.bfloat16, requires_grad=True)
@@ -204,7 +205,7 @@ def test_compiled_layers_trace_the_flash_call_one_graph_for_every_packed_length(
     """On GPUs with FlashAttention, a compiled layer holds the attention call: one graph, without a break around it,
     for packed batches of any length, and its backward. Checked on meta tensors with the real operator (torch's
     compiler traces it, aot_eager runs its meta kernels), the GPU's kernel choice forced; fullgraph refuses a break."""
-    import harness.modeling as modeling
+    import harness.attention as modeling
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(modeling, "packed_kernel", lambda query: "flash")

@@ -13,7 +13,8 @@ import pytest
 
 import torch
 
-from harness.checkpoint import Progress, checkpoint_dir, complete_checkpoints, save_checkpoint, save_model, verify
+from harness.checkpoint import Progress, checkpoint_dir, complete_checkpoints, save_checkpoint, verify
+from harness.export import save_model
 from harness.errors import WriteFailed
 from tests.helpers import CPU_LAUNCH, REPO, free_port, harness, losses, ok, write_config
 
