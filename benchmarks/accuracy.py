@@ -82,7 +82,7 @@ def run_trainer(args) -> dict:
 
 
 def run_harness(args, truncation: str) -> dict:
-    from harness.config import load_config
+    from harness.recipes import load_config
     from harness.trainer import train
 
     os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")

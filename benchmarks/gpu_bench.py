@@ -111,7 +111,7 @@ LAUNCH_CONFIGS = {"zero1": "launch_configs/accelerate/deepspeed_zero1.yaml"}
 
 def run(model_dir: Path, data_dir: Path, out: Path, batch: int, steps: int, variant: str, warmup: int,
         peak_flops: float | None = None) -> dict:
-    from harness.config import load_config
+    from harness.recipes import load_config
     from harness.trainer import train
 
     cfg = load_config(None, [

@@ -97,7 +97,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from harness import trainer
-    from harness.config import load_config
+    from harness.recipes import load_config
 
     root = Path(args.assets) if args.assets else Path(tempfile.mkdtemp())
     model_dir, data_dir = reuse_or_build_assets(root, args.examples)

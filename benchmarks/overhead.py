@@ -52,7 +52,7 @@ NARROW_BERT = dict(hidden_size=96, num_attention_heads=12, intermediate_size=384
 
 
 def recipe(args, out: Path, system: str):
-    from harness.config import load_config
+    from harness.recipes import load_config
 
     return load_config(None, [
         f"model.name_or_path={args.assets}/bert-base-random", "model.num_labels=2", f"data.dataset={args.assets}/data",

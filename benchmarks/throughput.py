@@ -131,7 +131,7 @@ LOG_EVERY = 10  # a log step synchronises with the device: not every step, as in
 
 
 def run_harness(args, extra: list[str] = ()) -> dict:
-    from harness.config import load_config
+    from harness.recipes import load_config
     from harness.trainer import train
 
     os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")

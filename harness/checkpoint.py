@@ -193,7 +193,9 @@ def save_checkpoint(accelerator, out: Path, progress: Progress, keep_last: int, 
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
         faults.write("state", rank, step)
-    except (Exception, CheckpointException) as e:  # DCP (FSDP2) gathers the ranks' errors into a BaseException  # a full disk shows as OSError, torch.save's RuntimeError, SafetensorError...
+    except BaseException as e:  # a full disk: OSError, torch.save's RuntimeError, SafetensorError, and FSDP2's
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):  # checkpointing gathers the ranks' errors into a
+            raise  # BaseException of its own
         error = e
     agree_on_write(accelerator, error, final, remove_tmp, previous)
     if accelerator.is_main_process:

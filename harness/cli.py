@@ -1,4 +1,4 @@
-"""Command line: `harness train | evaluate | predict | plan | report`.
+"""Command line: `harness train | evaluate | predict | plan | report | reference`.
 
     harness train --config configs/quickstart.yaml train.max_steps=20
     harness evaluate --model outputs/quickstart/final                 # the data and preprocessing it was trained with
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train.output_dir), one or several")
     p.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
 
+    sub.add_parser("reference", help="print the config reference (every key, its default and meaning) as Markdown")
+
     p = sub.add_parser("predict", help="classify texts with a saved model")
     p.add_argument("--model", required=True, help="folder of a saved model")
     p.add_argument("--input", help="JSON-lines file with a 'text' field per line")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "train":
-            from harness.config import load_config
+            from harness.recipes import load_config
             from harness.trainer import train
 
             train(load_config(args.config, args.overrides))
@@ -83,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             run_predict(args)
         elif args.command == "plan":
             run_plan(args)
+        elif args.command == "reference":
+            from harness.reference import markdown
+
+            print(markdown(), end="")
         elif args.command == "report":
             from harness.report import report
 
@@ -110,7 +116,7 @@ def _leave_process_group() -> None:
 
 
 def run_plan(args) -> None:
-    from harness.config import load_config
+    from harness.recipes import load_config
     from harness.plan import describe, get_value, plan
 
     cfg = load_config(args.config, args.overrides)

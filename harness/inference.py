@@ -20,7 +20,8 @@ import torch
 from datasets import Dataset
 
 from harness.export import TRAINING_CONFIG
-from harness.config import Config, DataConfig, load_config
+from harness.config import Config, DataConfig
+from harness.recipes import load_config
 from harness.data import Collator, build_split, eval_dataloader, model_inputs, pad_token_id, tokenize
 from harness.distributed import build_accelerator
 from harness.errors import BadInput
@@ -58,11 +59,12 @@ def evaluate_saved(model_dir: str | Path, config: str | None = None, overrides=(
     accelerator = build_accelerator()
     model, tokenizer = load_trained(model_dir)
     check_max_length(cfg.data.max_length, model.config, tokenizer)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    texts, loader = _scored_split(cfg, tokenizer, accelerator, model.config.num_labels)
+    num_labels = model.config.num_labels
+    names = [model.config.id2label[i] for i in range(num_labels)]
+    texts, loader = _scored_split(cfg, tokenizer, accelerator, num_labels)
     model, loader = accelerator.prepare(model, loader)
     details: dict = {}
-    metrics = evaluate(model, loader, accelerator, model.config.num_labels, details=details)
+    metrics = evaluate(model, loader, accelerator, num_labels, details=details)
     metrics["per_class"] = per_class(details["pred"], details["label"], names)
     if accelerator.is_main_process:
         _write_evaluation(output, metrics, details, names, cfg.data.max_length, texts)

@@ -12,7 +12,7 @@ import torch
 from harness.config import ModelConfig
 from harness.data import Collator
 from harness.errors import BadInput
-from harness.attention import make_unpadded
+from harness.attention import attention_mask_for, make_unpadded, mask_format
 from harness.modeling import load_model
 from tests.helpers import dropout_free, harness, losses, ok, write_config
 
@@ -225,3 +225,49 @@ def test_compiled_layers_trace_the_flash_call_one_graph_for_every_packed_length(
         assert hidden.grad is not None and hidden.grad.shape == hidden.shape
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     torch._dynamo.reset()
+
+
+def _padded_batch(vocab: int, lengths=(5, 17, 32, 9), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(5, vocab, (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_the_4d_sdpa_mask_gives_the_2d_masks_outputs_and_matches_eager_attention(tiny_model, autocast):
+    """harness's ready 4D mask (no host sync in the forward) computes what transformers' own 2D mask
+    handling computes, and SDPA matches the eager-attention reference within the precision's tolerance."""
+    from transformers import AutoModelForSequenceClassification
+
+    sdpa = AutoModelForSequenceClassification.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    eager = AutoModelForSequenceClassification.from_pretrained(tiny_model, attn_implementation="eager").eval()
+    ids, mask = _padded_batch(sdpa.config.vocab_size)
+    four_d = attention_mask_for(mask, "sdpa", "4d")
+    assert four_d.shape == (4, 1, 1, 32) and four_d.dtype == torch.bool
+    assert attention_mask_for(mask, "eager", "4d") is mask and attention_mask_for(mask, "sdpa", "2d") is mask
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out_4d = sdpa(input_ids=ids, attention_mask=four_d).logits.float()
+        out_2d = sdpa(input_ids=ids, attention_mask=mask).logits.float()
+        reference = eager(input_ids=ids, attention_mask=mask).logits.float()
+    tol = 2e-2 if autocast else 1e-5  # bf16 has 8 bits of mantissa
+    assert torch.allclose(out_4d, out_2d, atol=tol, rtol=0), (out_4d - out_2d).abs().max()
+    assert torch.allclose(out_4d, reference, atol=tol, rtol=0), (out_4d - reference).abs().max()
+    # padding really is masked: changing a padded token changes nothing
+    ids2 = ids.clone()
+    ids2[0, 10] = 7
+    with torch.no_grad():
+        assert torch.allclose(sdpa(input_ids=ids2, attention_mask=four_d).logits, sdpa(input_ids=ids, attention_mask=four_d).logits)
+
+
+
+def test_auto_mask_is_4d_on_gpus_and_wherever_a_host_check_would_break_a_graph():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert mask_format("auto", cpu, no_host_check=False) == "2d"
+    assert mask_format("auto", cpu, no_host_check=True) == "4d"  # layers compiled apart, steps as CUDA graphs
+    assert mask_format("auto", gpu, no_host_check=False) == "4d"
+    assert mask_format("2d", gpu, no_host_check=True) == "2d" and mask_format("4d", cpu, no_host_check=False) == "4d"

@@ -6,7 +6,7 @@ import pytest
 from datasets import Dataset
 
 from harness.config import DataConfig
-from harness.data import Collator, StepBatchSampler, epoch_order, stratified_indices, subset, tokenize
+from harness.data import Collator, StepBatchSampler, epoch_order, pad_multiple, stratified_indices, subset, tokenize
 from harness.sources import load_split, synthetic_split
 from harness.errors import BadInput
 from tests.helpers import IMDB_SAMPLE
@@ -218,3 +218,15 @@ def test_head_tail_truncation_keeps_the_start_and_the_end(tiny_model):
     assert len(ids) == 32 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     full = tok(words, add_special_tokens=False)["input_ids"]
     assert ids[1:8] == full[:7] and ids[8:-1] == full[-23:], "first quarter of the budget from the start, the rest from the end"
+
+
+def test_padding_multiple_bounds_the_shapes_on_gpus_and_stays_small_on_cpus():
+    assert pad_multiple("auto", compiled=False, on_gpu=True) == 64
+    assert pad_multiple("auto", compiled=True, on_gpu=False) == 64
+    assert pad_multiple("auto", compiled=False, on_gpu=False) == 8
+    assert pad_multiple(16, compiled=True, on_gpu=True) == 16
+    widths = {Collator(0, 64)([{"input_ids": [1] * n, "labels": 0}])["input_ids"].shape[1] for n in range(1, 513)}
+    assert widths == {64 * k for k in range(1, 9)}, "at most max_length/64 shapes at max_length 512"
+    # never past max_length: a multiple of 64 above it is pad tokens only, and can exceed the position embeddings
+    widths = {Collator(0, 64, max_length=100)([{"input_ids": [1] * n, "labels": 0}])["input_ids"].shape[1] for n in range(1, 101)}
+    assert widths == {64, 100}

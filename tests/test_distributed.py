@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.config import load_config
+from harness.recipes import load_config
 from harness.distributed import check_world_size, configure_fsdp, deepspeed_values, fill_deepspeed
 from harness.guards import StopFlag
 from harness.errors import BadInput

@@ -50,7 +50,7 @@ def test_a_stalled_rank_ends_the_job_within_the_bound_with_its_stacks_and_the_ru
     assert "last completed step 5); stopped by the stall watchdog; the stacks of its threads follow" in stderr
     # faulthandler's dump of every thread, each line labelled: the hung one sleeps in the injected fault
     assert "[rank 1] Thread 0x" in stderr or "[rank 1] Current thread 0x" in stderr, stderr[-6000:]
-    assert any(line.startswith("[rank 1]   File") and 'harness/distributed.py", line' in line and line.endswith(" in beat")
+    assert any(line.startswith("[rank 1]   File") and 'harness/guards.py", line' in line and line.endswith(" in beat")
                for line in stderr.splitlines()), stderr[-6000:]
     assert "made no training progress" in (out / "stop_reason.txt").read_text()
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000002", "step-00000004"]  # keep_last 2

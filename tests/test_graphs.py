@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from harness import graphs, stepper, trainer
-from harness.config import load_config
+from harness.recipes import load_config
 from harness.errors import BadInput
 from harness.graphs import StepGraphs
 from tests.graph_tape import TapeGraph, _Recorder
@@ -302,10 +302,8 @@ def test_auto_captures_one_process_runs_and_steps_eagerly_where_graphs_cannot_ap
 
 
 def test_auto_steps_eagerly_on_several_processes_where_true_is_refused(monkeypatch):
-    """The launch's part of the decision, on a GPU with two DDP ranks (the accelerator stands in: CI has one CPU
+    """The launch's part of the decision, for a GPU and two DDP ranks (given as numbers: CI has one CPU
     and no CUDA; the real two-rank refusal of `true` is test_several_processes_are_refused_in_one_line)."""
-    from types import SimpleNamespace
-
     monkeypatch.setattr(graphs, "graph_backend", lambda device: TapeGraph)
     said = []
     for value in ("auto", True, False):

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import yaml
+from accelerate.commands.config.config_args import load_config_from_file
 
 from tests.helpers import REPO, launch, ok, write_config
 
@@ -31,13 +32,22 @@ def processes(config: dict) -> int:
     return 1 if int(config.get("num_processes", 1)) == 1 else 2
 
 
+# name -> (distributed_type, num_processes) as shipped: a box of 8 GPUs for the multi-device configs
+EXPECTED = {"cpu.yaml": ("MULTI_GPU", 2), "single_gpu.yaml": ("NO", 1), "multi_gpu.yaml": ("MULTI_GPU", 8),
+            **{f"deepspeed_zero{s}.yaml": ("DEEPSPEED", 8) for s in ("1", "2", "3", "3_offload")},
+            **{f"fsdp2_{k}.yaml": ("FSDP", 8) for k in ("full_shard", "shard_grad_op", "full_shard_offload")}}
+
+
 def test_every_launch_config_is_covered_and_deepspeed_precision_has_one_source():
-    names = {p.name for p in SHIPPED}
-    assert {"single_gpu.yaml", "multi_gpu.yaml", "cpu.yaml", "deepspeed_zero1.yaml", "deepspeed_zero2.yaml",
-            "deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml", "fsdp2_full_shard.yaml",
-            "fsdp2_shard_grad_op.yaml", "fsdp2_full_shard_offload.yaml"} <= names
+    """The one inventory of the folder: every config is known, says when to use it, loads in Accelerate as written,
+    and states its precision in one place."""
+    assert {p.name for p in SHIPPED} == set(EXPECTED)
     for path in SHIPPED:
-        config = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        assert text.startswith("#"), f"{path.name} starts with a comment saying when to use it"
+        config = yaml.safe_load(text)
+        loaded = load_config_from_file(str(path))  # what `accelerate launch` itself reads
+        assert (loaded.distributed_type, loaded.num_processes) == EXPECTED[path.name], path.name
         if config["distributed_type"] == "DEEPSPEED":
             # Accelerate refuses mixed_precision beside a DeepSpeed JSON: the JSON is the one source.
             assert "mixed_precision" not in config, path.name

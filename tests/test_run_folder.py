@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness.config import load_config
+from harness.recipes import load_config
 from harness.errors import BadInput
 from harness.run_folder import RunFolder
 

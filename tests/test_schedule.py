@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.config import load_config
+from harness.recipes import load_config
 from harness.errors import BadInput
 from harness.schedule import Schedule, eval_batch_size, training_flops_per_token
 

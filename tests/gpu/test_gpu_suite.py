@@ -194,50 +194,63 @@ def test_a_training_step_makes_no_host_synchronisation(tmp_path, tiny_bert):
     assert "host synchronisations inside training steps: 0" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-# the eager cases say train.cuda_graphs=false: its default (auto) would capture their steps on one GPU
-@pytest.mark.parametrize("overrides", [["train.bf16_mode=master_weights", "train.cuda_graphs=false"],
-                                       ["train.bf16_mode=autocast", "train.cuda_graphs=false"],  # the GPU default: master weights
-                                       ["model.unpadded=true"],
-                                       ["train.compile=true", "train.compile_mode=reduce-overhead"],
-                                       ["train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_scope=layers"],
-                                       ["model.unpadded=true", "train.bf16_mode=master_weights", "train.compile=true",
-                                        "train.compile_scope=layers"],
-                                       ["train.cuda_graphs=true"],
-                                       ["train.cuda_graphs=true", "train.bf16_mode=autocast"],
-                                       ["train.cuda_graphs=true", "train.compile=true", "train.compile_scope=layers"]],
-                         ids=["master_weights", "autocast", "unpadded", "cudagraphs", "cudagraphs_layers", "unpadded_master_layers",
-                              "step_graphs", "step_graphs_autocast", "step_graphs_layers"])
-def test_master_weights_unpadded_and_cuda_graphs_train_on_the_single_gpu_config(tmp_path, tiny_bert, overrides):
-    """Issue #9's options on the shipped single-GPU config (bf16): bf16 weights with fp32 masters (no host
-    synchronisation added by its optimizer hooks), unpadded (packed) batches through FlashAttention's varlen
-    kernel (no synchronisation either), CUDA graphs, compiled once for every padded length (whole model or by
-    layers), unpadded batches through layers compiled with the FlashAttention call, and whole steps captured as CUDA
-    graphs (train.cuda_graphs: eager, under autocast, and with compiled layers); all export a model that
-    `harness evaluate` scores."""
+MASTER = "bf16 weights, fp32 master weights"
+# Each case states everything its run must print: the precision; whether whole steps were captured as CUDA graphs;
+# how many graphs torch.compile built (None: not compiled; every compiled case must have 0 graph breaks); the host
+# synchronisations counted inside steps (None where a compile mode records CUDA graphs, which synchronises by design);
+# and, for compile modes that record CUDA graphs, that none was skipped. The eager cases say train.cuda_graphs=false:
+# its default (auto) would capture their steps on one GPU.
+SINGLE_GPU_CASES = {
+    "master_weights": (["train.bf16_mode=master_weights", "train.cuda_graphs=false"],
+                       dict(precision=MASTER, captured=False, compiled=None, syncs=0, skips=None)),
+    "autocast": (["train.bf16_mode=autocast", "train.cuda_graphs=false"],
+                 dict(precision="bf16", captured=False, compiled=None, syncs=0, skips=None)),
+    "unpadded": (["model.unpadded=true"], dict(precision=MASTER, captured=False, compiled=None, syncs=0, skips=None)),
+    "cudagraphs": (["train.compile=true", "train.compile_mode=reduce-overhead"],
+                   dict(precision=MASTER, captured=False, compiled=(1, 1), syncs=None, skips=0)),
+    "cudagraphs_layers": (["train.compile=true", "train.compile_mode=reduce-overhead", "train.compile_scope=layers"],
+                          dict(precision=MASTER, captured=False, compiled=(1, 1), syncs=None, skips=0)),
+    # one graph; a second where inductor's kernels guard on a range of packed lengths
+    "unpadded_master_layers": (["model.unpadded=true", "train.bf16_mode=master_weights", "train.compile=true",
+                                "train.compile_scope=layers"],
+                               dict(precision=MASTER, captured=False, compiled=(1, 2), syncs=None, skips=None)),
+    "step_graphs": (["train.cuda_graphs=true"], dict(precision=MASTER, captured=True, compiled=None, syncs=0, skips=None)),
+    "step_graphs_autocast": (["train.cuda_graphs=true", "train.bf16_mode=autocast"],
+                             dict(precision="bf16", captured=True, compiled=None, syncs=0, skips=None)),
+    "step_graphs_layers": (["train.cuda_graphs=true", "train.compile=true", "train.compile_scope=layers"],
+                           dict(precision=MASTER, captured=True, compiled=(1, 1), syncs=None, skips=None)),
+}
+
+
+@pytest.mark.parametrize("case", SINGLE_GPU_CASES)
+def test_precision_unpadded_compile_and_cuda_graphs_train_on_the_single_gpu_config(tmp_path, tiny_bert, case):
+    """The speed options on the shipped single-GPU config (bf16): bf16 weights with fp32 masters, unpadded (packed)
+    batches through FlashAttention's varlen kernel, compiled models (whole or by layers, with CUDA graphs of
+    inductor's), unpadded batches through layers compiled with the FlashAttention call, and whole steps captured as
+    CUDA graphs; all export a model that `harness evaluate` scores as training did."""
+    overrides, want = SINGLE_GPU_CASES[case]
     cfg = recipe(tmp_path / "c.yaml", tiny_bert, tmp_path / "run")
     r = run(launch_cmd(LAUNCH_DIR / "single_gpu.yaml", 1, "train", "--config", str(cfg), "train.max_steps=30",
                        "train.save_every=null", "train.log_every=10", "train.sync_debug=true", *overrides), timeout=400)
-    assert "compute dtype bfloat16" in r.stdout
-    if "train.cuda_graphs=true" in overrides:
-        report = re.search(r"CUDA graphs: (\d+) captured .* (\d+) step\(s\) replayed", r.stdout)
-        assert report and int(report.group(1)) >= 1 and int(report.group(2)) >= 10, r.stdout[-3000:] + r.stderr[-3000:]
-        assert "could not be captured" not in r.stdout, r.stdout[-3000:]
-        if "train.compile=true" in overrides:  # compiled in the uncaptured steps, once for every shape
-            assert "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in r.stdout, r.stdout[-3000:]
-    if "model.unpadded=true" in overrides and "train.compile=true" in overrides:
-        # the FlashAttention call compiled with the layers: no break around it; one graph (a second where inductor's
-        # kernels guard on a range of packed lengths, as they did on the CPU at 4,097 tokens)
-        compiled = re.search(r"torch.compile: (\d+) graph\(s\) compiled, 0 graph break\(s\)", r.stdout)
-        assert compiled and int(compiled.group(1)) <= 2, r.stdout[-3000:]
-    # a capture synchronises by design (not counted: harness pauses the counter for it); the replays must not
-    if "train.compile=true" not in overrides:  # nested tensors are given their lengths: no sync to read them back
-        assert "host synchronisations inside training steps: 0" in r.stdout, r.stdout[-3000:]
-    if "train.bf16_mode=master_weights" in overrides:
-        assert "mixed precision bf16 weights, fp32 master weights" in r.stdout
-    if "train.compile_mode=reduce-overhead" in overrides:  # recording a CUDA graph synchronises: no count asserted
-        assert "torch.compile: 1 graph(s) compiled, 0 graph break(s)" in r.stdout  # by layers, they share one graph
-        # a skipped CUDA graph still trains (compiled, without the graph): only the report tells
-        assert "CUDA graphs skipped for 0 compiled graph(s)" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    said = r.stdout[-3000:] + r.stderr[-3000:]
+    assert "compute dtype bfloat16" in r.stdout and f"mixed precision {want['precision']}" in r.stdout, said
+    captured = re.search(r"CUDA graphs: (\d+) captured .* (\d+) step\(s\) replayed", r.stdout)
+    assert bool(captured) == want["captured"], said
+    assert not want["captured"] or (int(captured.group(1)) >= 1 and int(captured.group(2)) >= 10), said
+    assert "could not be captured" not in r.stdout, said
+    compiled = re.search(r"torch.compile: (\d+) graph\(s\) compiled, (\d+) graph break\(s\)", r.stdout)
+    assert bool(compiled) == (want["compiled"] is not None), said
+    if compiled:
+        low, high = want["compiled"]
+        assert low <= int(compiled.group(1)) <= high and compiled.group(2) == "0", said
+    syncs = re.search(r"host synchronisations inside training steps: (\d+)", r.stdout)
+    assert syncs, said
+    assert want["syncs"] is None or int(syncs.group(1)) == want["syncs"], said
+    skipped = re.search(r"CUDA graphs skipped for (\d+) compiled graph\(s\)", r.stdout)
+    if want["skips"] is None:
+        assert not skipped, said
+    else:  # a skipped CUDA graph still trains (compiled, without the graph): only the report tells
+        assert skipped and int(skipped.group(1)) == want["skips"], said
     final = tmp_path / "run" / "final"
     again = json.loads(run([sys.executable, "-m", "harness", "evaluate", "--model", str(final), "--config", str(cfg)])
                        .stdout.strip().splitlines()[-1])
