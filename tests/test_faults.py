@@ -15,6 +15,7 @@ import torch
 
 from harness.checkpoint import Progress, checkpoint_dir, complete_checkpoints, save_checkpoint, verify
 from harness.export import save_model
+from harness.faults import Faults
 from harness.errors import WriteFailed
 from tests.helpers import CPU_LAUNCH, REPO, free_port, harness, losses, ok, write_config
 
@@ -87,36 +88,36 @@ KEPT = "; the newest complete checkpoint is intact: {}; free space (or fix the s
 
 
 @pytest.mark.parametrize("point", ["mkdir", "state", "progress", "complete", "rename"])
-def test_a_checkpoint_write_failing_at_any_point_keeps_the_last_complete_one(tmp_path, accelerator, monkeypatch, point):
+def test_a_checkpoint_write_failing_at_any_point_keeps_the_last_complete_one(tmp_path, accelerator, point):
     """keep_last=1: pruning must not remove step 2 before step 4 is complete, and step 4 never completes."""
     model = torch.nn.Linear(64, 64)
     model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
     save_checkpoint(accelerator, tmp_path, Progress(step=2), keep_last=1)
     step2, step4 = checkpoint_dir(tmp_path, 2), checkpoint_dir(tmp_path, 4)
     intact = snapshot(step2)
-    monkeypatch.setenv("HARNESS_FAULT_WRITE", f"{point}@4")
+    full_disk = Faults.from_env({"HARNESS_FAULT_WRITE": f"{point}@4"})
     with pytest.raises(WriteFailed) as failed:
-        save_checkpoint(accelerator, tmp_path, Progress(step=4), keep_last=1)
+        save_checkpoint(accelerator, tmp_path, Progress(step=4), keep_last=1, faults=full_disk)
     message = str(failed.value)
     assert message.startswith(f"could not write {step4}: [Errno 28] No space left on device (injected at '{point}') (")
     assert message.endswith(KEPT.format(step2)) and "MiB free there)" in message
     assert not step4.exists() and not step4.with_name("step-00000004.tmp").exists(), "the partial write is removed"
     assert snapshot(step2) == intact and verify(step2) is None, "the last complete checkpoint is untouched"
-    monkeypatch.delenv("HARNESS_FAULT_WRITE")  # space again: the write succeeds, and only then is step 2 pruned
+    # space again: the write succeeds, and only then is step 2 pruned
     save_checkpoint(accelerator, tmp_path, Progress(step=4), keep_last=1)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000004"]
 
 
-def test_a_failing_model_export_keeps_the_previous_one(tmp_path, accelerator, monkeypatch, tiny_model):
+def test_a_failing_model_export_keeps_the_previous_one(tmp_path, accelerator, tiny_model):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = accelerator.prepare(AutoModelForSequenceClassification.from_pretrained(tiny_model))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     save_model(accelerator, model, tokenizer, tmp_path / "best", extra={"step": 2})
     before = snapshot(tmp_path / "best")
-    monkeypatch.setenv("HARNESS_FAULT_WRITE", "model")
     with pytest.raises(WriteFailed, match=rf"^could not write {tmp_path / 'best'}: \[Errno 28\] No space left"):
-        save_model(accelerator, model, tokenizer, tmp_path / "best", extra={"step": 4})
+        save_model(accelerator, model, tokenizer, tmp_path / "best", extra={"step": 4},
+                   faults=Faults.from_env({"HARNESS_FAULT_WRITE": "model"}))
     assert snapshot(tmp_path / "best") == before and not (tmp_path / "best.tmp").exists()
 
 
@@ -158,3 +159,19 @@ def test_a_write_failing_on_one_rank_stops_both_ranks(tmp_path, tiny_model):
     assert verify(step2) is None
     done = ok(harness("train", "--config", str(cfg)))  # one process: cheaper, and DDP state resumes on any world size
     assert f"resumed from {step2}" in done.stdout and (out / "final" / "model.safetensors").is_file()
+
+
+def test_faults_are_read_from_the_environment_once_and_name_their_rank_and_step():
+    none = Faults.from_env({})
+    assert not none.stalls(0, 5) and not none.poisons(0, 5)
+    none.write("state", 0, 4)  # no fault asked: nothing raised
+    stall = Faults.from_env({"HARNESS_FAULT_STALL_STEP": "5", "HARNESS_FAULT_STALL_RANK": "1"})
+    assert stall.stalls(1, 5) and not stall.stalls(0, 5) and not stall.stalls(1, 4)
+    nan = Faults.from_env({"HARNESS_FAULT_NONFINITE_STEP": "3"})  # every rank by default
+    assert nan.poisons(0, 3) and nan.poisons(1, 3) and not nan.poisons(0, 2)
+    disk = Faults.from_env({"HARNESS_FAULT_WRITE": "state@4", "HARNESS_FAULT_WRITE_RANK": "1"})
+    disk.write("state", 0, 4)  # another rank
+    disk.write("state", 1, 2)  # another step
+    disk.write("progress", 1, 4)  # another point
+    with pytest.raises(OSError, match="No space left on device"):
+        disk.write("state", 1, 4)
