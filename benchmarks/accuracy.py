@@ -19,10 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-from benchmarks._children import report, run_child
+from benchmarks.common import DEFAULT_DATA, report, run_child
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb-sample"
 SYSTEMS = ("trainer", "harness", "harness_headtail")
 
 

@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# One NVIDIA GPU, bert-base at max_length 512, offline, one call (these defaults' eight runs: 337 s on an NVIDIA H100
-# 80GB HBM3, 2026-11-28, under the names they had before step graphs became the default, plus 12 s to install the
-# carried wheels; docs/PERFORMANCE.md):
+# One NVIDIA GPU, bert-base at max_length 512, offline, one call of about six minutes (docs/performance.md):
 #   1. seed recipe vs best-configured Trainer vs harness with eager steps vs harness (whole steps replayed as
 #      CUDA graphs, train.cuda_graphs=auto), batch 8, the first 60 steps of each untimed (benchmarks/throughput.py);
 #   2. harness variants x per-device batch: samples/s, tokens/s, MFU, compile time apart (benchmarks/gpu_bench.py).
 #
 #   bash benchmarks/gpu.sh                    # one table at the end (summary.txt); JSON and logs in $OUT (default .)
 #   STEPS=100 BATCHES=8,128 VARIANTS=v0.1,default,compile_layers bash benchmarks/gpu.sh
-#   VARIANTS=autocast,default,cudagraphs bash benchmarks/gpu.sh  # default on GPUs: bf16 weights + fp32 masters
+#   VARIANTS=autocast,default bash benchmarks/gpu.sh  # the default on GPUs: bf16 weights + fp32 masters
 #   SYSTEMS=seed,trainer,harness_v01,harness,harness_step_graphs_layers TP_WARMUP=60 bash benchmarks/gpu.sh
 #       # part 1 with gpu_bench variants too (harness_VARIANT); TP_WARMUP steps of every system untimed (compilation,
 #       # captures)

@@ -3,7 +3,7 @@
     python3 -m benchmarks.gpu_profile --batch 128 --skip 20 --steps 20
     python3 -m benchmarks.gpu_profile --batch 8 --assets /tmp/a --variant eager   # a gpu_bench.py variant
 
-Builds the same offline assets as benchmarks/gpu_bench.py (or reuses --assets) and runs `harness train`. The
+Builds the offline assets of benchmarks/common.py (or reuses --assets) and runs `harness train`. The
 first --skip steps run unprofiled (compilation, attention plans, graph captures, allocation happen there); the
 next --steps are profiled. Prints the GPU's kernel time per step against the wall time per step (a busy GPU has
 them close: the step is then bound by what the kernels do, not by the host), the kernel time by kind (matrix
@@ -22,7 +22,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.gpu_bench import VARIANTS, reuse_or_build_assets, timed_windows
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, schedule
+
+from benchmarks.common import VARIANTS, reuse_or_build_assets, timed_windows
+from harness import trainer
+from harness.recipes import load_config
 
 # Kinds of CUDA kernels, by what their names contain (lower case), the first match wins (the memory-efficient
 # attention's kernels are fmha_cutlass*, inductor's layer norms triton_*_layer_norm*, torch's copies run in an
@@ -55,9 +60,7 @@ def kind_of(kernel: str) -> str:
 def kernel_times(events) -> list[tuple[str, float]]:
     """(name, GPU time) of the kernels among the profiler's averaged events. The GPU side of a user annotation
     (torch.profiler's `ProfilerStep*` range around each step) is a span over kernels, not one: counted, it doubled
-    the kernel time of a step (the first H100 profile by kind, fifteenth session)."""
-    from torch.autograd import DeviceType
-
+    the kernel time of a step."""
     return [(e.key, e.self_device_time_total) for e in events if e.device_type == DeviceType.CUDA
             and not getattr(e, "is_user_annotation", False) and not e.key.startswith("ProfilerStep")]
 
@@ -74,8 +77,6 @@ def kernel_time_by_kind(kernels: list[tuple[str, float]]) -> list[tuple[str, flo
 def profiled_steps(prof):
     """A stand-in for harness's Throughput meter whose `count` (once per micro-batch, on the host, outside any
     captured graph) also advances the profiler's schedule: micro-batch k runs in the profiler's step k."""
-    from harness import trainer
-
     class Counting(trainer.Throughput):
         def count(self, batch: dict) -> None:
             prof.step()
@@ -91,14 +92,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20, help="steps profiled")
     p.add_argument("--examples", type=int, default=3000)
     p.add_argument("--assets", help="folder for the model and data: built there if absent, else reused")
-    p.add_argument("--variant", default="default", choices=list(VARIANTS), help="gpu_bench.py's overrides")
+    p.add_argument("--variant", default="default", choices=list(VARIANTS), help="common.VARIANTS' overrides")
     args = p.parse_args()
     os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    from harness import trainer
-    from harness.recipes import load_config
-
     root = Path(args.assets) if args.assets else Path(tempfile.mkdtemp())
     model_dir, data_dir = reuse_or_build_assets(root, args.examples)
     out = Path(tempfile.mkdtemp()) / "run"

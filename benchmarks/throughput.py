@@ -20,12 +20,10 @@ max allocated on a GPU) and each ratio against the seed recipe.
 - harness_v01 (not run by default): the same with harness 0.1's padding to multiples of 8, 2D mask, autocast,
   torch's dropout and eager steps.
 - harness_eager: harness with eager steps (`train.cuda_graphs=false`; the same as harness on CPUs).
-- harness_VARIANT (not run by default): harness with the overrides of benchmarks/gpu_bench.py's VARIANT, e.g.
+- harness_VARIANT (not run by default): harness with the overrides of benchmarks/common.py's VARIANT, e.g.
   harness_master (`train.bf16_mode=master_weights`), harness_unpadded (`model.unpadded=true`),
-  harness_cudagraphs_layers (each encoder layer compiled with CUDA graphs), harness_step_graphs (whole steps
-  captured as CUDA graphs, `train.cuda_graphs=true`), harness_step_graphs_layers (the same, the layers compiled
-  first), harness_torch_dropout (`train.cpu_dropout=torch`).
-  Compiled and captured ones want --warmup.
+  harness_step_graphs_layers (whole steps as CUDA graphs, the layers compiled first), harness_torch_dropout
+  (`train.cpu_dropout=torch`). Compiled and captured ones want --warmup.
 """
 
 from __future__ import annotations
@@ -38,11 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-from benchmarks._children import report, run_child
-from benchmarks.gpu_bench import LAUNCH_CONFIGS, VARIANTS as GPU_VARIANTS, timed_windows
+from benchmarks.common import DEFAULT_DATA, VARIANTS as HARNESS_VARIANTS, report, run_child, timed_windows
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb-sample"
 SYSTEMS = ("seed", "trainer", "harness")
 
 
@@ -123,10 +118,9 @@ def run_trainer(args, best: bool) -> dict:
 
 
 # harness_v01: how harness 0.1 ran (padding to multiples of 8 everywhere, transformers' own 2D mask handling, bf16
-# autocast), the "before" of docs/PERFORMANCE.md, measured in the same call as the current defaults.
-VARIANTS = {"harness": [], "harness_v01": GPU_VARIANTS["v0.1"],
-            **{f"harness_{k}": v for k, v in GPU_VARIANTS.items()
-               if k not in LAUNCH_CONFIGS and k not in ("v0.1", "default")}}
+# autocast, torch's dropout), measured in the same call as the current defaults.
+VARIANTS = {"harness": [], "harness_v01": HARNESS_VARIANTS["v0.1"],
+            **{f"harness_{k}": v for k, v in HARNESS_VARIANTS.items() if k not in ("v0.1", "default")}}
 LOG_EVERY = 10  # a log step synchronises with the device: not every step, as in real runs
 
 

@@ -1,10 +1,11 @@
-"""The benchmark runner's children see the packages their parent sees (PITFALLS #22)."""
+"""The benchmarks' shared parts: children that see their parent's packages, assets, timed windows, the tables."""
 
 import os
 
 import pytest
 
-from benchmarks._children import REPO, child_env
+from benchmarks import common
+from benchmarks.common import REPO, child_env
 
 
 def test_child_pythonpath_extends_the_parents_never_replaces_it(monkeypatch):
@@ -36,28 +37,16 @@ def test_gpu_sh_summary_is_one_table_with_ratios_to_the_seed_and_the_trainer_at_
     assert summary(None, bench).count("\n") == 3  # gpu_bench's rows alone
 
 
-def test_cpu_dropout_benchmark_times_torch_and_fast_for_the_three_measurements(capsys):
-    from benchmarks.cpu_dropout import main
-
-    assert main(["--batch", "2", "--heads", "2", "--length", "16", "--head-size", "8", "--repeats", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split("|")[1].strip() for r in rows] == ["mask", "dropout, forward + backward",
-                                                      "attention with dropout, forward + backward"]
-    assert all(float(r.split("|")[2]) > 0 and float(r.split("|")[3]) > 0 for r in rows)
-
-
 def test_a_childs_notes_reach_the_parent(tmp_path, monkeypatch, capsys):
     """Whether a run really captured its CUDA graphs (or compiled, or skipped them) is in its own output, which the
     benchmark parent otherwise drops: those lines come back in the RESULT and are printed under the system's name."""
-    from benchmarks import _children
-
     child = tmp_path / "fake_child.py"
     child.write_text("print('step 10: loss 0.7')\n"
                      "print('CUDA graphs: 3 captured (one per batch shape) in 0.20 s, 57 step(s) replayed, 6 run eagerly')\n"
                      "print('torch.compile: 1 graph(s) compiled, 0 graph break(s), CUDA graphs skipped for 0 compiled graph(s)')\n"
                      "print('RESULT {\"samples_per_s\": 1.0}')\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
-    result = _children.run_child("fake_child", [], "harness_step_graphs")
+    result = common.run_child("fake_child", [], "harness_step_graphs")
     assert result["samples_per_s"] == 1.0 and len(result["notes"]) == 2 and result["notes"][0].startswith("CUDA graphs: 3 captured")
     out = capsys.readouterr().out
     assert "harness_step_graphs: CUDA graphs: 3 captured" in out and "step 10" not in out
@@ -76,7 +65,7 @@ def test_gpu_bench_rates_are_totals_over_the_timed_windows_not_medians_of_each_m
     tokens, MFU weighted by time; the warm-up window and the steps it holds are left out."""
     import pytest
 
-    from benchmarks.gpu_bench import timed_windows
+    from benchmarks.common import timed_windows
 
     def window(step, samples_per_s, tokens_per_s, padding, mfu):
         return {"step": step, "train/samples_per_s": samples_per_s, "train/tokens_per_s": tokens_per_s,
@@ -143,27 +132,22 @@ def test_gpu_profile_counts_kernels_not_the_step_annotations_spanning_them():
     assert kernel_times(events) == [("nvjet_a", 600.0), ("flash_fwd", 200.0)]
 
 
-def test_attention_benchmark_times_each_kernel_on_harness_batches_checks_it_and_reports_a_missing_one(tmp_path, capsys):
-    """benchmarks/attention.py on the CPU with a small shape: the padded SDPA and the packed CPU kernel both match
-    the fp32 reference; a GPU kernel asked for on the CPU is reported as failed, and the others still run."""
-    import json
-
+def test_assets_are_a_bert_classifier_and_reviews_of_imdb_lengths(tmp_path):
+    """common.build_assets: a model transformers loads, a tokenizer whose words are one token each, and reviews
+    whose lengths are review_word_counts' (median near IMDb's 237 tokens); a second call reuses them."""
     import numpy as np
     import pandas as pd
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from benchmarks.attention import epoch_batches, main, review_token_lengths
-    from benchmarks.gpu_bench import build_assets
-
-    _, data = build_assets(tmp_path / "assets", 100, model=dict(hidden_size=8, num_hidden_layers=1,
-                                                                num_attention_heads=1, intermediate_size=8))
-    words = pd.read_parquet(data / "train.parquet")["text"].str.split().str.len().to_numpy()
-    lengths = review_token_lengths(100, 128)
-    assert (lengths == np.minimum(words + 2, 128)).all()  # the reviews gpu_bench trains on, [CLS] and [SEP] added
-    batches = epoch_batches(lengths, 16)
-    assert sorted(np.concatenate(batches)) == sorted(lengths) and len(batches) == 7  # every review once
-    assert main(["--batch", "16", "--examples", "100", "--max-length", "128", "--heads", "2", "--head-dim", "8",
-                 "--repeats", "1", "--kernels", "sdpa_masked,runs,flash_varlen", "--out", str(tmp_path / "out")]) == 0
-    results = {r["kernel"]: r for r in json.loads((tmp_path / "out" / "attention.json").read_text())["results"]}
-    assert all(results[k]["max_error"] < 2e-2 and results[k]["ms_per_batch"] > 0 for k in ("sdpa_masked", "runs"))
-    assert "error" in results["flash_varlen"]
-    assert "| flash_varlen | failed: forward: " in capsys.readouterr().out
+    shape = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
+    model_dir, data = common.build_assets(tmp_path, 400, model=shape)
+    assert AutoModelForSequenceClassification.from_pretrained(model_dir).config.hidden_size == 8
+    train = pd.read_parquet(data / "train.parquet")
+    words = train["text"].str.split().str.len().to_numpy()
+    assert len(train) == 400 and len(pd.read_parquet(data / "test.parquet")) == 512
+    assert (words == common.review_word_counts(np.random.default_rng(0), 400)).all()
+    assert 180 < np.median(words) < 300 and set(train["label"]) == {0, 1}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert len(tokenizer(train["text"][0], add_special_tokens=False)["input_ids"]) == words[0]
+    (data / "marker").write_text("kept")
+    assert common.reuse_or_build_assets(tmp_path, 400) == (model_dir, data) and (data / "marker").is_file()
