@@ -1,8 +1,7 @@
-"""Checkpoints and exported models: atomic writes, and finding the newest complete checkpoint.
+"""Resumable checkpoints: when a run writes them, how (atomically, every rank agreeing), and which one resumes.
 
-    OUTPUT_DIR/checkpoints/step-00000120/       resumable state: Accelerate's save_state (model, optimizer,
-                                                scheduler, every rank's RNG) + progress.json + COMPLETE.json
-    OUTPUT_DIR/best/, OUTPUT_DIR/final/         Hugging Face-format models (harness.run_folder owns the layout)
+    OUTPUT_DIR/checkpoints/step-00000120/       Accelerate's save_state (model, optimizer, scheduler, every
+                                                rank's RNG) + progress.json + COMPLETE.json
 
 Every folder is written under a `.tmp` name and renamed into place once whole; a checkpoint's
 COMPLETE.json (written last) lists each file's size. A checkpoint without it, or whose files do not match

@@ -1,4 +1,5 @@
-"""Building the Accelerator for whatever `accelerate launch` asked for: CPU (gloo), DDP, DeepSpeed.
+"""The Accelerator that `accelerate launch` asked for (CPU ranks over gloo, DDP, DeepSpeed ZeRO, FSDP2), its engines
+configured from the recipe.
 
 The launch config alone decides the hardware; the code path is the same everywhere.
 """

@@ -1,4 +1,4 @@
-"""Evaluation that runs on every rank and gives every rank the same, exact metrics.
+"""Evaluation on every rank, with the same exact metrics on every rank, and when a run evaluates and keeps its best.
 
 Predictions are gathered with `gather_for_metrics`, which drops the examples Accelerate repeats to even
 out the last batch, so `num_examples` equals the eval set's size for any number of processes.

@@ -1,5 +1,4 @@
-"""Guards that end a run cleanly: the stop flag (signals), the stall watchdog and the non-finite guard. None of
-them waits for the GPU in a step."""
+"""Guards that end a run cleanly without waiting for the GPU in a step: stop signals, stalls and non-finite losses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`harness plan`: what a launch would do, checked before any GPU is spent. Starts no processes.
+"""`harness plan`: what a launch would do, checked before any GPU is spent, without starting a process.
 
     harness plan --config configs/bert_base_imdb.yaml --launch-config launch_configs/accelerate/deepspeed_zero2.yaml
     harness plan --config configs/bert_base_imdb.yaml --nodes 2 --gpus-per-node 8

@@ -1,4 +1,4 @@
-"""What a run reports while it trains: the metrics log, the throughput meter, the host-sync watch.
+"""What a run reports while it trains: metrics.jsonl and the trackers, the throughput meter, the host-sync watch.
 
     meter = Throughput(accelerator, flops_per_token(model), peak_flops(None))
     meter.count(batch)                  # every micro-batch, on the host, before the copy to the device

@@ -116,7 +116,7 @@ def test_gpu_profile_sorts_kernels_into_kinds_by_their_names():
 
 def test_gpu_profile_counts_kernels_not_the_step_annotations_spanning_them():
     """torch.profiler's `ProfilerStep*` range has a GPU side as long as the step's kernels: counted as a kernel it
-    doubled the kernel time per step (H100, fifteenth session). CPU operators carry no kernel time of their own."""
+    doubled the kernel time per step. CPU operators carry no kernel time of their own."""
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType

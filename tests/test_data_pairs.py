@@ -1,4 +1,4 @@
-"""Sentence pairs (data.text_pair_column) and more than two classes, through the real CLI (issue #13, part 4)."""
+"""Sentence pairs (data.text_pair_column) and more than two classes, through the real CLI."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing hangs (issue #12, parts 3 and 4): a rank that stalls is ended by the watchdog with
+"""Nothing lost, nothing hangs: a rank that stalls is ended by the watchdog with
 its stacks; a checkpoint or model write that fails (injected ENOSPC at every point of the write, in this
 process; a really failing write under RLIMIT_FSIZE; a failure on one of two ranks) stops every rank and
 leaves the previous complete checkpoint usable."""

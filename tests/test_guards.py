@@ -1,5 +1,5 @@
 """A loss that becomes NaN stops every rank at the same step, saves nothing from the poisoned weights, and
-exits 3 naming the step and the newest good checkpoint (issue #12, part 2; the rest of #12 is open)."""
+exits 3 naming the step and the newest good checkpoint."""
 
 import pytest
 

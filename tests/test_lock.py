@@ -1,4 +1,4 @@
-"""One run per output folder (issue #12, part 1): the lock in OUTPUT_DIR/run.lock, its refusal, its takeover
+"""One run per output folder: the lock in OUTPUT_DIR/run.lock, its refusal, its takeover
 when the holder is gone, and `harness plan` reporting it. The last test uses real concurrent processes."""
 
 import json

@@ -57,8 +57,8 @@ def test_compiling_the_layers_compiles_one_graph_for_all_of_them_and_trains_like
     """train.compile_scope=layers: each encoder layer compiled in place; the layers share one graph (their parameters
     are its inputs), the embeddings and the head run eagerly. Batches with and without padding must not compile a
     second graph (without padding transformers would hand the layers no mask at all), nor batches whose padded length
-    is the batch size and others (torch's duck sizing would give both one symbol: at batch 128 on an H100, a second
-    compilation at the first batch padded to another length than 128)."""
+    is the batch size and others (torch's duck sizing would give both one symbol, and compile
+    again at the first batch padded to another length than the batch size)."""
     model_dir = dropout_free(tiny_model, tmp_path / "two-layers", 2)
     # max_length 16 truncates most synthetic reviews: the epoch's first batches have no padding (16 x 16 tokens), the
     # next are padded to 16, its last ones (the shortest reviews) to 8

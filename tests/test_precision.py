@@ -65,8 +65,7 @@ def test_master_weights_apply_under_bf16_one_process_or_ddp_only(monkeypatch):
 
 
 def test_auto_takes_master_weights_on_gpus_with_one_process_or_ddp_only(monkeypatch):
-    """The default, `auto`: master weights where a GPU trains with one process or DDP (measured faster on an
-    H100), autocast on CPUs and where DeepSpeed or FSDP decide precision; never an error."""
+    """The default, `auto`: master weights where a GPU trains with one process or DDP, autocast on CPUs and where DeepSpeed or FSDP decide precision; never an error."""
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")

@@ -52,7 +52,7 @@ def test_dtype_probe_reads_the_last_linear_layer_inside_autocast():
 
 def test_sync_watch_counts_synchronising_operations_not_the_prototype_notice():
     """torch's sync debug mode announces itself once with a warning that also says "Synchronization";
-    counting it reported one sync on a clean loop (seen on an H100). Messages as torch 2.11 words them."""
+    counting it would report one sync on a clean loop. Messages as torch 2.11 words them."""
     from harness.tracking import is_sync_warning
 
     assert is_sync_warning("called a synchronizing CUDA operation (Triggered internally at c10/cuda/CUDAFunctions.cpp:154.)")

@@ -260,7 +260,7 @@ def test_precision_unpadded_compile_and_cuda_graphs_train_on_the_single_gpu_conf
 
 def test_unpadded_attention_runs_flash_varlen_and_matches_masked_sdpa_in_bf16():
     """model.unpadded's GPU kernel: bf16 inputs take FlashAttention's variable-length kernel, called directly (not
-    through nested tensors, whose host cost made a step 4x slower on an H100), and its outputs and gradients agree
+    through nested tensors, whose host cost is milliseconds per call), and its outputs and gradients agree
     with padded, masked SDPA within bf16's tolerance."""
     from harness.attention import packed_attention, packed_kernel
 
