@@ -27,9 +27,11 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import load as accelerate_load
 
 from harness.errors import BadInput, WriteFailed, first_line
 from harness.faults import NONE as NO_FAULTS, Faults
+from harness.safeload import check_pickles
 
 COMPLETE = "COMPLETE.json"
 PROGRESS = "progress.json"
@@ -66,15 +68,17 @@ def checkpoint_dir(out: Path, step: int) -> Path:
     return Path(out) / "checkpoints" / f"step-{step:08d}"
 
 
-def verify(path: Path) -> Optional[str]:
-    """None if the checkpoint at `path` is complete and its files are whole, else the reason it is not."""
-    marker = path / COMPLETE
+def verify(path: Path, manifest_name: str = COMPLETE) -> Optional[str]:
+    """None if the write at `path` is complete and its files are whole (as its manifest, written last, lists them),
+    else the reason it is not."""
+    marker = path / manifest_name
     if not marker.is_file():
-        return f"no {COMPLETE} (unfinished write)"
+        return f"no {manifest_name} (unfinished write)"
     try:
         manifest = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        return f"{COMPLETE} is corrupt"
+        manifest = {str(rel): int(size) for rel, size in manifest.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest_name} is corrupt"
     for rel, size in manifest.items():
         f = path / rel
         if not f.is_file():
@@ -149,14 +153,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def failing_rank(accelerator, failed: bool) -> int:
+    """Collective: the highest rank on which something failed, or -1 where it failed nowhere."""
+    rank = accelerator.process_index if failed else -1
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([rank], device=accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        rank = int(flag.item())
+    return rank
+
+
+def agree_on_load(accelerator, error: Optional[BadInput], checkpoint: Path) -> None:
+    """Collective: if loading failed on any rank, every rank raises BadInput (that rank with its own reason), so
+    that all of them exit together instead of some waiting for the others."""
+    rank = failing_rank(accelerator, error is not None)
+    if rank >= 0:
+        raise error or BadInput(f"checkpoint {checkpoint} cannot be loaded on rank {rank} (its own line says why)")
+
+
 def agree_on_write(accelerator, error: Optional[BaseException], path: Path, cleanup=None, keep: Optional[Path] = None) -> None:
     """Collective, after each phase of a write: if it failed on any rank, every rank raises WriteFailed
     (the rank it failed on with its own error), after the main process ran `cleanup`."""
-    failed_rank = accelerator.process_index if error is not None else -1
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([failed_rank], device=accelerator.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        failed_rank = int(flag.item())
+    failed_rank = failing_rank(accelerator, error is not None)
     if failed_rank < 0:
         return
     if accelerator.is_main_process and cleanup is not None:
@@ -251,15 +269,40 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, checkpoint: Path, optimizer) -> None:
-    """Every rank loads its state (model, optimizer, scheduler, RNG) from a complete checkpoint."""
+def load_checkpoint(accelerator, checkpoint: Path, optimizer, saved_world_size: int) -> None:
+    """Every rank loads its state (model, optimizer, scheduler, RNG) from a complete checkpoint, or every rank
+    refuses it: a file that would run code when unpickled, the RNG state of a rank that wrote it missing or
+    unreadable (the resume would not be exact), or any load that fails, on any rank."""
+    agree_on_load(accelerator, loadable(checkpoint, accelerator.process_index, saved_world_size), checkpoint)
+    error = None
     try:
         accelerator.load_state(str(checkpoint))
-    except Exception as e:  # a file that passed the size check but does not parse
-        raise BadInput(f"checkpoint {checkpoint} cannot be loaded: {first_line(e)}") from None
+    except BaseException as e:  # a file that does not parse; FSDP2's checkpointing raises a BaseException of its own
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        error = BadInput(f"checkpoint {checkpoint} cannot be loaded: {first_line(e)}")
+    agree_on_load(accelerator, error, checkpoint)
     for group in optimizer.param_groups:  # a train.cuda_graphs run saved it as a tensor (StepGraphs makes it one again)
         if isinstance(group["lr"], torch.Tensor):
             group["lr"] = float(group["lr"])
+
+
+def loadable(checkpoint: Path, rank: int, saved_world_size: int) -> Optional[BadInput]:
+    """Why this rank cannot load `checkpoint` exactly, or None. A rank beyond the world that wrote it (DDP resumed on
+    more processes) has no RNG state of its own there and starts from Accelerate's."""
+    try:
+        check_pickles(checkpoint, "checkpoint")
+    except BadInput as e:
+        return e
+    rng = checkpoint / f"random_states_{rank}.pkl"
+    if rank >= saved_world_size:
+        return None
+    try:
+        accelerate_load(rng)
+    except Exception as e:
+        return BadInput(f"checkpoint {checkpoint}: {rng.name} cannot be read ({first_line(e)}); without it the "
+                        f"resume would not be exact: resume from another checkpoint (train.resume=PATH)")
+    return None
 
 
 class Checkpointer:

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="recipe naming the data to score on (default: the model's training_config.yaml)")
     p.add_argument("--output", help="folder for eval_results.json, predictions.jsonl, confusion_matrix.json "
                                     "(default: the model's folder)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model folder")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     p = sub.add_parser("plan", help="check a config and launch before starting anything: sizes, steps, DeepSpeed")
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="JSON-lines file with a 'text' field per line")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--probabilities", action="store_true", help="also print the probability of every label")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model folder")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     return parser
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from harness.inference import evaluate_saved
 
-            evaluate_saved(args.model, args.config, args.overrides, args.output)
+            evaluate_saved(args.model, args.config, args.overrides, args.output, args.trust_remote_code)
         elif args.command == "predict":
             run_predict(args)
         elif args.command == "plan":
@@ -143,7 +145,7 @@ def run_predict(args) -> None:
         texts.extend(read_jsonl_texts(Path(args.input)))
     if not texts:
         raise BadInput("predict: give TEXT arguments or --input FILE.jsonl")
-    for row in predict(args.model, texts, args.batch_size, args.probabilities):
+    for row in predict(args.model, texts, args.batch_size, args.probabilities, args.trust_remote_code):
         print(json.dumps(row), flush=True)
 
 

@@ -12,6 +12,7 @@ from harness.checkpoint import agree_on_write, latest_checkpoint, replace_dir
 from harness.faults import NONE as NO_FAULTS, Faults
 
 
+EVALUATION = "evaluation.json"  # beside harness evaluate's files, written last: their names and sizes
 TRAINING_CONFIG = "training_config.yaml"  # beside an exported model: how it was trained and its data prepared
 
 

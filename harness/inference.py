@@ -12,20 +12,24 @@ A model folder's training_config.yaml (written with every export) gives the data
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 
-from harness.export import TRAINING_CONFIG
+from harness.export import EVALUATION, TRAINING_CONFIG
+from harness.checkpoint import replace_file
 from harness.config import Config, DataConfig
 from harness.recipes import load_config
 from harness.data import Collator, build_split, eval_dataloader, model_inputs, pad_token_id, tokenize
 from harness.distributed import build_accelerator
 from harness.errors import BadInput
 from harness.evaluation import DETAILS, confusion_matrix, evaluate, per_class
+from harness.lock import hold
 from harness.modeling import check_max_length, load_trained, model_length_limit
 from harness.schedule import eval_batch_size
 
@@ -43,7 +47,8 @@ def saved_data_config(model_dir: Path, model, tokenizer) -> DataConfig:
 # ---------------------------------------------------------------- harness evaluate
 
 
-def evaluate_saved(model_dir: str | Path, config: str | None = None, overrides=(), output: str | Path | None = None) -> dict:
+def evaluate_saved(model_dir: str | Path, config: str | None = None, overrides=(), output: str | Path | None = None,
+                   trust_remote_code: bool = False) -> dict:
     """`harness evaluate`: score a saved model on every rank, with the data and preprocessing of its
     training run (training_config.yaml beside it) unless --config names another recipe.
 
@@ -57,7 +62,16 @@ def evaluate_saved(model_dir: str | Path, config: str | None = None, overrides=(
     if output.exists() and not output.is_dir():
         raise BadInput(f"evaluate: --output {output} exists and is not a folder")
     accelerator = build_accelerator()
-    model, tokenizer = load_trained(model_dir)
+    # one evaluation at a time writes into a folder, as one run trains in one
+    lock = hold(output / "run.lock", accelerator, "evaluate --output", warn=functools.partial(print, file=sys.stderr))
+    try:
+        return _evaluate(model_dir, cfg, output, accelerator, trust_remote_code)
+    finally:
+        lock.release()
+
+
+def _evaluate(model_dir: Path, cfg: Config, output: Path, accelerator, trust_remote_code: bool) -> dict:
+    model, tokenizer = load_trained(model_dir, trust_remote_code)
     check_max_length(cfg.data.max_length, model.config, tokenizer)
     num_labels = model.config.num_labels
     names = [model.config.id2label[i] for i in range(num_labels)]
@@ -87,11 +101,19 @@ def _scored_split(cfg: Config, tokenizer, accelerator, num_labels: int):
 
 
 def _write_evaluation(output: Path, metrics: dict, details: dict, names: list[str], max_length: int, texts) -> None:
+    """Each file written whole and renamed into place, the manifest last: `harness report` trusts the files only
+    where the manifest lists them as they are (a `kill -9` halfway leaves none, or the last evaluation's)."""
     output.mkdir(parents=True, exist_ok=True)
-    (output / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_predictions(output / "predictions.jsonl", details, names, max_length, texts)
-    (output / "confusion_matrix.json").write_text(
-        json.dumps(confusion_matrix(details["pred"], details["label"], names), indent=2) + "\n")
+    (output / EVALUATION).unlink(missing_ok=True)
+    replace_file(output / "eval_results.json", json.dumps(metrics, indent=2) + "\n")
+    tmp = output / f"predictions.jsonl.{os.getpid()}.tmp"
+    write_predictions(tmp, details, names, max_length, texts)
+    os.replace(tmp, output / "predictions.jsonl")
+    replace_file(output / "confusion_matrix.json",
+                 json.dumps(confusion_matrix(details["pred"], details["label"], names), indent=2) + "\n")
+    files = {name: (output / name).stat().st_size for name in ("eval_results.json", "predictions.jsonl",
+                                                             "confusion_matrix.json")}
+    replace_file(output / EVALUATION, json.dumps({"files": files}, indent=2) + "\n")
 
 
 def _per_class_line(per: dict) -> str:
@@ -135,13 +157,14 @@ def read_jsonl_texts(path: Path) -> list:
     return texts
 
 
-def predict(model_dir: str | Path, texts: list, batch_size: int = 32, probabilities: bool = False) -> list[dict]:
+def predict(model_dir: str | Path, texts: list, batch_size: int = 32, probabilities: bool = False,
+            trust_remote_code: bool = False) -> list[dict]:
     """One dict per input, in input order: text (and text_pair), label, score (and every label's probability).
     An input is a string, or a (text, text_pair) tuple for a model trained on sentence pairs. Batches go
     longest first (little padding), on the GPU where there is one."""
     if batch_size < 1:
         raise BadInput(f"predict: --batch-size must be at least 1, got {batch_size}")
-    model, tokenizer = load_trained(model_dir)
+    model, tokenizer = load_trained(model_dir, trust_remote_code)
     data = saved_data_config(Path(model_dir), model, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()

@@ -10,6 +10,9 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable, Optional
+
+from accelerate.utils import broadcast_object_list
 
 from harness.checkpoint import replace_file
 from harness.errors import BadInput
@@ -48,8 +51,8 @@ class RunLock:
     HEARTBEAT_S = 30.0
     STALE_S = 300.0
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, name: str = "train.output_dir"):
+        self.path, self.name = Path(path), name  # `name`: what the folder is, in the refusal
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -132,8 +135,8 @@ class RunLock:
                     told = True
                 time.sleep(min(5.0, self.HEARTBEAT_S))
                 continue
-            raise BadInput(f"train.output_dir {self.path.parent} is in use by another run: {self.describe(record)}; "
-                           f"wait for it, or choose another train.output_dir (a holder that is gone is taken over "
+            raise BadInput(f"{self.name} {self.path.parent} is in use by another run: {self.describe(record)}; "
+                           f"wait for it, or choose another {self.name} (a holder that is gone is taken over "
                            f"automatically: at once on its host, after {self.STALE_S:.0f} s elsewhere)")
         self.held = True
         self._thread = threading.Thread(target=self._beat, name="harness-run-lock", daemon=True)
@@ -182,3 +185,24 @@ class RunLock:
         if self.owned():
             self.path.unlink(missing_ok=True)
         self.held = False
+
+
+def hold(path: Path, accelerator, name: str, warn=print, check: Optional[Callable[[], None]] = None) -> RunLock:
+    """Collective: the main process takes the lock at `path` (after `check`, which may refuse the folder); every rank
+    raises BadInput if it could not."""
+    lock = RunLock(path, name)
+    refusal = [None]
+    if accelerator.is_main_process:
+        try:
+            if check is not None:
+                check()
+            lock.acquire(warn)
+        except BadInput as e:
+            refusal[0] = str(e)
+        except OSError as e:
+            refusal[0] = f"{name} {Path(path).parent}: cannot take its lock {path}: {e}"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise BadInput(refusal[0])
+    return lock

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from harness.config import ModelConfig
 from harness.errors import BadInput, first_line
+from harness.safeload import check_pickles
 from harness.schedule import training_flops_per_token
 
 
@@ -31,8 +33,33 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(module.get_model_path())
 
 
+REMOTE_CODE_ON = "set model.trust_remote_code=true to run it"  # how a recipe turns remote code on
+
+
+def check_model_folder(path: str, trusted: bool, how: str = REMOTE_CODE_ON) -> None:
+    """Refuse a local model folder that would run code when loaded: a pickle naming globals outside harness's list,
+    or (unless the user turned remote code on: `how` says how) a config naming Python classes of its own
+    (`auto_map`). Hub models are refused by transformers itself (remote code is passed as off, never left to a
+    prompt)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    check_pickles(folder, "model folder")  # pickled weights (pytorch_model.bin, training_args.bin, ...)
+    if trusted:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            values = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(values, dict) and values.get("auto_map"):
+            raise BadInput(f"{folder} ships Python code of its own ({name} names an auto_map), which harness runs "
+                           f"only when asked: {how}")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     path = resolve_model_path(name_or_path)
+    check_model_folder(path, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -47,6 +74,7 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None):
     """A sequence classifier with id2label from the config; `name_or_path` overrides cfg (a saved run)."""
     source = name_or_path or cfg.name_or_path
     path = resolve_model_path(source)
+    check_model_folder(path, cfg.trust_remote_code)
     names = cfg.label_names or [f"LABEL_{i}" for i in range(cfg.num_labels)]
     kwargs = dict(
         num_labels=cfg.num_labels,
@@ -71,9 +99,10 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None):
 
 def load_model_config(cfg: ModelConfig):
     """The configured model's config.json alone (no weights): what it takes, read before any data is tokenized."""
+    path = resolve_model_path(cfg.name_or_path)
+    check_model_folder(path, cfg.trust_remote_code)
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path), num_labels=cfg.num_labels,
-                                          trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(path, num_labels=cfg.num_labels, trust_remote_code=cfg.trust_remote_code)
     except LOAD_ERRORS as e:
         raise BadInput(f"cannot load model from '{cfg.name_or_path}': {first_line(e)}") from None
 
@@ -143,14 +172,15 @@ def compile_model(model: nn.Module, mode: str, scope: str) -> str:
     return f"each of its {len(blocks)} {type(blocks[0]).__name__}s"
 
 
-def load_trained(model_dir: str | Path):
+def load_trained(model_dir: str | Path, trust_remote_code: bool = False):
     """A finished model folder (ours or any HF one) for evaluation or prediction."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise BadInput(f"--model {model_dir}: not a model folder (no config.json)")
+    check_model_folder(str(model_dir), trust_remote_code, "add --trust-remote-code to run it")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True, trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as e:
         raise BadInput(f"cannot load model from {model_dir}: {first_line(e)}") from None
     return model, tokenizer

@@ -134,7 +134,8 @@ def model_shape_offline(cfg: Config) -> Optional[tuple[int, int, int, int]]:
     check_weight_files(cfg.model)
     try:
         with torch.device("meta"):
-            return model_shape(AutoModelForSequenceClassification.from_config(mc))
+            return model_shape(AutoModelForSequenceClassification.from_config(
+                mc, trust_remote_code=cfg.model.trust_remote_code))
     except Exception:  # a config that transformers cannot build here: the estimate is optional
         return None
 

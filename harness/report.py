@@ -19,8 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from harness.checkpoint import verify
 from harness.config import METRICS
 from harness.errors import BadInput
+from harness.export import EVALUATION
 
 TRAIN_CURVES = [("train/loss", "training loss"), ("train/lr", "learning rate"), ("train/grad_norm", "gradient norm"),
                 ("train/samples_per_s", "throughput (samples/s)")]
@@ -42,8 +44,10 @@ class Run:
         self.launches = self._jsonl(self.root / "sessions.jsonl") + self._jsonl(self.root / "launches.jsonl")
         self.final = self._json(self.root / "final" / "eval_results.json")
         self.best = self._json(self.root / "best" / "eval_results.json")
-        self.model_dir = next((d for d in (self.root / "final", self.root / "best")
-                               if (d / "predictions.jsonl").is_file()), None)
+        # where `harness evaluate` wrote a whole evaluation (its manifest lists the files as they are)
+        evaluated = [d for d in (self.root / "final", self.root / "best") if (d / "predictions.jsonl").is_file()]
+        self.model_dir = next((d for d in evaluated if verify(d, EVALUATION) is None), None)
+        self.cut_short = [d for d in evaluated if d != self.model_dir and verify(d, EVALUATION) is not None]
 
     @staticmethod
     def _jsonl(path: Path) -> list[dict]:
@@ -167,12 +171,18 @@ def markdown(runs: list[Run]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     for run in runs:
+        lines += [f"\n{run.name}: {cut_short(d)}" for d in run.cut_short]
         if run.model_dir is not None:
             confusion = Run._json(run.model_dir / "confusion_matrix.json")
             if confusion:
                 lines.append(f"\n{run.name}: confusion matrix ({run.model_dir.name}/, rows true, columns predicted): "
                              + "; ".join(f"{name}: {row}" for name, row in zip(confusion["labels"], confusion["matrix"])))
     return "\n".join(lines)
+
+
+def cut_short(folder: Path) -> str:
+    return (f"the evaluation files in {folder.name}/ are not one whole evaluation ({verify(folder, EVALUATION)}); "
+            f"not shown: run harness evaluate again")
 
 
 def mistakes(model_dir: Path, n: int = 10) -> list[dict]:
@@ -269,6 +279,7 @@ def page(runs: list[Run]) -> str:
                     parts.append(_table(["label", "precision", "recall", "f1", "support"],
                                         [[n, *(_fmt(v[k]) for k in ("precision", "recall", "f1", "support"))]
                                          for n, v in per.items()]))
+        parts += [f"<p>{html.escape(cut_short(d))}</p>" for d in run.cut_short]
         if run.model_dir is not None:
             confusion = Run._json(run.model_dir / "confusion_matrix.json")
             if confusion:

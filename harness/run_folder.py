@@ -13,6 +13,10 @@
     OUTPUT_DIR/launches.jsonl           one line when each launch starts (hardware, processes) and one when it ends
     OUTPUT_DIR/run.lock                 held by the live run's main process (RunLock): one run per folder
     OUTPUT_DIR/stop_reason.txt          why the last run stopped without finishing (stall, full disk, ...)
+    OUTPUT_DIR/harness-run.json         marks the folder as a run's: the entries above that harness wrote here
+
+harness removes only entries its marker names (a fresh start with train.overwrite=true), never by following a link,
+and refuses to start into a folder where files of others stand at those names.
 
 The trainer, `harness plan` (and through `harness plan --status`, the Slurm job script) all ask this class.
 """
@@ -26,12 +30,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import yaml
-from accelerate.utils import broadcast_object_list
 
 from harness.checkpoint import checked_checkpoint, latest_checkpoint, replace_file
 from harness.config import Config
 from harness.errors import BadInput
-from harness.lock import RunLock
+from harness.lock import RunLock, hold
 
 # Keys that change how a run is driven or recorded, not what it trains: a resume may change them.
 NEUTRAL_KEYS = {
@@ -39,6 +42,14 @@ NEUTRAL_KEYS = {
                            "resume", "best_metric", "peak_flops", "sync_debug", "report_to", "stall_timeout_s",
                            "cuda_graphs")  # how the same steps are launched: a run resumes with or without graphs
 } | {("data", "num_workers")}
+
+
+MARKER = "harness-run.json"
+# What harness writes at the top of a run folder: the only names it ever removes there (`report.html` is harness
+# report's default page; `sessions.jsonl` the launch log of harness 0.1).
+ENTRIES = ("config.yaml", "metrics.jsonl", "tensorboard", "deepspeed_config.json", "checkpoints", "best", "final",
+           "launches.jsonl", "sessions.jsonl", "run.lock", "stop_reason.txt", "report.html", MARKER)
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def _comparable(d: dict) -> dict:
@@ -60,9 +71,44 @@ class RunFolder:
         self.launches = self.root / "launches.jsonl"
         self.old_launches = self.root / "sessions.jsonl"  # the log's name in harness 0.1
 
-    def check_is_folder(self) -> None:
+    def check_usable(self) -> None:
+        """Refuse what can never be a run folder: a file, the filesystem root, the home folder, harness's checkout."""
         if self.root.exists() and not self.root.is_dir():
             raise BadInput(f"train.output_dir {self.root} exists and is not a folder")
+        where = self.root.resolve()
+        forbidden = {Path(where.anchor): "the filesystem root", Path.home().resolve(): "your home folder"}
+        if (REPOSITORY / "pyproject.toml").is_file():
+            forbidden[REPOSITORY] = "harness's own repository"
+        if where in forbidden:
+            raise BadInput(f"train.output_dir {self.root} is {forbidden[where]}: give the run a folder of its own")
+
+    def owned(self) -> set[str]:
+        """The entries harness wrote here: those its marker names; in a folder of harness 0.1 (a config.yaml of
+        harness's sections, no marker), the harness names it holds; else none."""
+        try:
+            entries = json.loads((self.root / MARKER).read_text())["entries"]
+            return set(entries) & set(ENTRIES) if isinstance(entries, list) else set()
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()  # a marker that does not parse owns nothing: never a reason to delete
+        try:
+            legacy = yaml.safe_load(self.config.read_text())
+        except (OSError, yaml.YAMLError):
+            return set()
+        if not isinstance(legacy, dict) or not {"model", "data", "train"} <= set(legacy):
+            return set()
+        return {p.name for p in self.root.iterdir() if p.name in ENTRIES}
+
+    def check_fresh(self) -> None:
+        """A fresh start writes harness's entries: refused where files harness did not write stand at their names."""
+        if not self.root.is_dir():
+            return
+        owned = self.owned() | {self.lock.name}  # the lock is this run's own
+        others = sorted(p.name for p in self.root.iterdir() if p.name in ENTRIES and p.name not in owned)
+        if others:
+            raise BadInput(f"train.output_dir {self.root} is not a harness run folder and holds {', '.join(others)}, "
+                           f"which a run would write over: choose an empty or new folder")
 
     def is_finished(self) -> bool:
         return (self.final / "config.json").is_file()
@@ -82,7 +128,7 @@ class RunFolder:
         - ("fresh", None): start from scratch (`begin` then removes an old run, if overwrite allowed it).
         """
         t = cfg.train
-        self.check_is_folder()
+        self.check_usable()
         explicit = t.resume not in ("auto", "none")
         has_run = self.holds_results()
         if self.config.is_file():
@@ -92,8 +138,8 @@ class RunFolder:
                 previous = None
             differs = previous is None or _comparable(previous) != _comparable(cfg.to_dict())
             if differs and t.overwrite:
-                return "fresh", None
-            if differs and not has_run and warn is not None:  # e.g. the last try stopped at a bad input
+                return self._fresh()
+            if differs and not has_run and warn is not None and self.config.name in self.owned():  # a refused try
                 warn(f"{self.root} holds the config of a run that trained nothing (no logged step, checkpoint or "
                      "model): this config replaces it")
             elif differs and has_run:
@@ -111,11 +157,15 @@ class RunFolder:
             if has_run and not t.overwrite:
                 raise BadInput(f"train.output_dir {self.root} already holds a run and train.resume=none; "
                                "use train.resume=auto to continue it or train.overwrite=true to start over")
-            return "fresh", None
+            return self._fresh()
         if self.is_finished():
             return "finished", None
         latest = latest_checkpoint(self.root, warn)
-        return ("resume", latest) if latest else ("fresh", None)
+        return ("resume", latest) if latest else self._fresh()
+
+    def _fresh(self) -> tuple[str, None]:
+        self.check_fresh()  # every rank, and `harness plan`, before anything is written
+        return "fresh", None
 
     def status(self, cfg: Config) -> str:
         """One word (and a path) for scripts: `finished`, `resume PATH` or `fresh`."""
@@ -134,17 +184,27 @@ class RunFolder:
         return f"held by a live run: {RunLock.describe(record)}; a run started now is refused"
 
     def clear(self) -> None:
-        """Remove a previous run's outputs (only after train.overwrite=true allowed it)."""
-        for folder in (self.checkpoints, self.best, self.final, self.tensorboard):
-            shutil.rmtree(folder, ignore_errors=True)
-        for f in (self.metrics, self.config, self.deepspeed_config, self.stop_reason, self.launches, self.old_launches):
-            f.unlink(missing_ok=True)
+        """Remove a previous run's outputs (only after train.overwrite=true allowed it): the entries harness wrote,
+        a link as a link (never what it points to); the live lock and the marker stay."""
+        for name in sorted(self.owned() - {self.lock.name, MARKER}):
+            path = self.root / name
+            if path.is_symlink() or path.is_file():
+                path.unlink(missing_ok=True)
+            elif path.is_dir():
+                shutil.rmtree(path)
+
+    def claim(self) -> None:
+        """Write the marker: the entries harness wrote before, and every harness name not taken by another's file."""
+        free = {name for name in ENTRIES if not (self.root / name).exists() and not (self.root / name).is_symlink()}
+        entries = sorted(self.owned() | free | {self.lock.name, MARKER})
+        replace_file(self.root / MARKER, json.dumps({"written_by": "harness", "entries": entries}, indent=1) + "\n")
 
     def begin(self, cfg: Config, fresh: bool) -> None:
-        """Main process, before anything else is written: clear an overwritten run, record the config."""
+        """Main process, before anything else is written: clear an overwritten run, mark the folder, record the config."""
         if fresh:
             self.clear()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.claim()
         self.stop_reason.unlink(missing_ok=True)  # this run's own reason, if any, replaces the last one's
         self.config.write_text(cfg.to_yaml())
 
@@ -165,18 +225,4 @@ class RunFolder:
 
     def hold(self, accelerator, warn=print) -> RunLock:
         """Collective: the main process takes the folder's lock; every rank raises BadInput if it could not."""
-        lock = RunLock(self.lock)
-        refusal = [None]
-        if accelerator.is_main_process:
-            try:
-                self.check_is_folder()
-                lock.acquire(warn)
-            except BadInput as e:
-                refusal[0] = str(e)
-            except OSError as e:
-                refusal[0] = f"train.output_dir {self.root}: cannot take its lock {self.lock}: {e}"
-        if accelerator.num_processes > 1:
-            broadcast_object_list(refusal)
-        if refusal[0] is not None:
-            raise BadInput(refusal[0])
-        return lock
+        return hold(self.lock, accelerator, "train.output_dir", warn, check=self.check_usable)

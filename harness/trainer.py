@@ -141,7 +141,7 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
     record_deepspeed_config(acc, run.deepspeed_config)
     if checkpoint:
         check_world_size(state.world_size, state.sharding, acc)
-        load_checkpoint(acc, checkpoint, optimizer)
+        load_checkpoint(acc, checkpoint, optimizer, state.world_size)
         ctx.say(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
                 f"{state.position} of {len(train_ds)} examples of the epoch done")
     ctx.log = MetricsLog(acc, run, cfg, resume_step=state.step if checkpoint else None)

@@ -116,3 +116,38 @@ def assert_export_matches(final: Path, reference: Path, recipe: Path) -> None:
     for key in ("accuracy", "f1", "precision", "recall", "num_examples"):
         assert reloaded[key] == in_training[key], key
     assert reloaded["loss"] == pytest.approx(in_training["loss"], abs=1e-5)
+
+
+class _Planted:
+    """Unpickled, it runs a shell command: what a hostile file in a shared run folder would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(path: Path, marker: Path) -> None:
+    """Replace a pickle file with one that runs code when unpickled (a torch.save zip for .bin/.pt, a plain pickle
+    otherwise), and rewrite the checkpoint's COMPLETE.json to match, as anyone who can write the folder could."""
+    import pickle
+
+    import torch
+
+    if path.suffix in (".bin", ".pt", ".pth"):
+        torch.save({"state": _Planted(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps(_Planted(marker)))
+    for complete in (p / "COMPLETE.json" for p in path.parents):
+        if complete.is_file():
+            record = json.loads(complete.read_text())
+            record["files"] = {rel: (complete.parent / rel).stat().st_size for rel in record["files"]}
+            complete.write_text(json.dumps(record))
+            break
+
+
+def pickles_in(folder: Path) -> list[Path]:
+    from harness.safeload import is_pickle
+
+    return sorted(p for p in folder.rglob("*") if is_pickle(p))

@@ -82,3 +82,35 @@ def test_two_ranks_evaluate_every_example_once_with_the_same_metrics(tmp_path, d
     per = one["per_class"]
     assert per == two["per_class"] and sum(v["support"] for v in per.values()) == 41
     assert (per["LABEL_0"]["f1"] + per["LABEL_1"]["f1"]) / 2 == pytest.approx(one["f1"])
+
+
+def test_evaluate_holds_its_output_folder_and_a_cut_short_evaluation_is_not_reported(tmp_path, decisive_model):
+    """A second evaluation into a folder in use is refused in one line; the files of one whole evaluation carry a
+    manifest written last, and `harness report` shows none of a set the manifest does not match (a kill halfway)."""
+    from harness.export import EVALUATION
+    from harness.lock import RunLock
+
+    cfg = write_config(tmp_path / "c.yaml", decisive_model, tmp_path / "run",
+                       data={"eval_samples": 20, "max_length": 12})
+    out = tmp_path / "run" / "final"
+    held = RunLock(out / "run.lock", "evaluate --output")
+    held.acquire()  # a live evaluation (this process) writes there
+    try:
+        r = harness("evaluate", "--model", str(decisive_model), "--config", str(cfg), "--output", str(out))
+    finally:
+        held.release()
+    assert r.returncode == 2 and f"harness: error: evaluate --output {out} is in use by another run" in r.stderr
+    assert not (out / "predictions.jsonl").exists()
+    ok(harness("evaluate", "--model", str(decisive_model), "--config", str(cfg), "--output", str(out)))
+    manifest = json.loads((out / EVALUATION).read_text())["files"]
+    assert manifest == {n: (out / n).stat().st_size for n in ("eval_results.json", "predictions.jsonl",
+                                                             "confusion_matrix.json")}
+    assert not (out / "run.lock").exists() and not list(out.glob("*.tmp")), "the lock released, no partial file"
+    (tmp_path / "run" / "config.yaml").write_text((tmp_path / "c.yaml").read_text())
+    whole = ok(harness("report", str(tmp_path / "run"), "--out", str(tmp_path / "whole.html")))
+    assert "confusion matrix (final/" in whole.stdout
+    lines = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(lines[:5]))  # cut short, ending on a newline
+    cut = ok(harness("report", str(tmp_path / "run"), "--out", str(tmp_path / "cut.html")))
+    assert "the evaluation files in final/ are not one whole evaluation (predictions.jsonl has" in cut.stdout
+    assert "confusion matrix (final/" not in cut.stdout and "Most confident mistakes" not in (tmp_path / "cut.html").read_text()

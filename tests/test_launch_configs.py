@@ -11,7 +11,8 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
-from tests.helpers import REPO, launch, ok, write_config
+from harness.checkpoint import loadable
+from tests.helpers import REPO, launch, ok, pickles_in, plant, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +25,11 @@ CPU_OVERRIDES = {
     # device when none is available". The offload itself runs in the GPU suite (tests/gpu/).
     "fsdp2_full_shard_offload.yaml": ["--fsdp_offload_params", "false"],
 }
+
+
+# Resumed from a planted checkpoint end to end (the other configs' checkpoints are checked file by file): one per
+# engine, DDP, DeepSpeed and FSDP2.
+RESUMED_PLANTED = {"multi_gpu.yaml", "deepspeed_zero2.yaml", "fsdp2_full_shard.yaml"}
 
 
 def processes(config: dict) -> int:
@@ -86,3 +92,24 @@ def test_launch_config_trains_checkpoints_and_exports_as_shipped(path, tmp_path,
     assert (tmp_path / "out" / "checkpoints" / "step-00000002" / "COMPLETE.json").is_file()
     final = tmp_path / "out" / "final"
     assert (final / "model.safetensors").is_file() and json.loads((final / "eval_results.json").read_text())["num_examples"] == 17
+
+    # Every pickle of this kind of checkpoint, replaced by one that runs code (its COMPLETE.json rewritten to
+    # match): each is refused on every rank before any library unpickles it, and nothing runs.
+    checkpoint, marker = tmp_path / "out" / "checkpoints" / "step-00000002", tmp_path / "code-ran"
+    files = pickles_in(checkpoint)
+    assert files, "a checkpoint holds pickles"
+    kept = {p: p.read_bytes() for p in files}
+    for planted in files:
+        plant(planted, marker)
+        for rank in range(procs):
+            refusal = loadable(checkpoint, rank, procs)
+            assert refusal is not None and str(planted.relative_to(checkpoint)) in str(refusal), planted
+            assert "would run code when loaded" in str(refusal)
+        planted.write_bytes(kept[planted])
+    assert not marker.exists()
+    if path.name in RESUMED_PLANTED:  # the whole way: `harness train` resuming from it, on every rank
+        plant(files[-1], marker)
+        r = launch(path, "train", "--config", str(cfg), f"train.resume={checkpoint}", "train.max_steps=4",
+                   procs=procs, launch_args=CPU_OVERRIDES.get(path.name, []))
+        assert r.returncode != 0 and "would run code when loaded" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert not marker.exists(), "the planted code ran"

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 
@@ -54,3 +55,27 @@ def test_compile_scope_layers_compiles_the_stack_of_layers_in_place_or_else_the_
     single = AutoModelForSequenceClassification.from_config(config)
     assert repeated_blocks(single) is None  # one layer is no stack to share a graph: the whole model is compiled
     assert compile_model(single, "default", "layers") == "the whole model" and single._compiled_call_impl is not None
+
+
+def test_a_model_folder_with_code_of_its_own_is_refused_unless_asked_and_nothing_runs(tmp_path, tiny_model):
+    """A folder whose config.json names an auto_map would run its Python file at load: train, plan, evaluate and
+    predict refuse it in one line naming how to allow it (exit 2), and the planted file never runs."""
+    planted = tmp_path / "planted"
+    shutil.copytree(tiny_model, planted)
+    marker = tmp_path / "ran"
+    (planted / "modeling_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                              "from transformers import BertForSequenceClassification as Evil\n")
+    config = json.loads((planted / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.Evil"}
+    (planted / "config.json").write_text(json.dumps(config))
+    recipe = write_config(tmp_path / "c.yaml", planted, tmp_path / "run", train={"max_steps": 1})
+    runs = {"train": harness("train", "--config", str(recipe)),
+            "plan": harness("plan", "--config", str(recipe)),
+            "predict": harness("predict", "--model", str(planted), "a fine film"),
+            "evaluate": harness("evaluate", "--model", str(planted), "--config", str(recipe))}
+    for command, r in runs.items():
+        how = "set model.trust_remote_code=true" if command in ("train", "plan") else "add --trust-remote-code"
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (command, r.stderr[-2000:])
+        assert r.stderr.strip().splitlines()[-1].startswith("harness: error: "), (command, r.stderr[-2000:])
+        assert "ships Python code of its own (config.json names an auto_map)" in r.stderr and how in r.stderr, command
+    assert not marker.exists(), "the folder's code ran"

@@ -10,7 +10,7 @@ from tests.helpers import REPO
 # Lowest first. A module may import from the layers below its own, never from its own layer or above.
 LAYERS = [
     ("errors", "faults"),
-    ("config",),
+    ("config", "safeload"),
     ("recipes", "schedule"),
     ("sources", "optim", "dropout", "attention", "modeling", "distributed", "graphs"),
     ("data", "precision", "checkpoint", "guards", "tracking"),
