@@ -118,9 +118,9 @@ def check_pickles(folder: Path, what: str) -> None:
             continue
         found = pickle_globals(path)
         if UNREADABLE in found:
-            raise BadInput(f"{what} {folder}: {path.relative_to(folder)} is not a pickle harness can read "
-                           f"(cut short or altered)")
+            raise BadInput(f"{what} {folder} cannot be loaded: {path.relative_to(folder)} is not a pickle harness "
+                           f"can read (cut short or altered)")
         unknown = sorted({g or "a global it does not name plainly" for g in found if g not in ALLOWED})
         if unknown:
-            raise BadInput(f"{what} {folder}: {path.relative_to(folder)} would run code when loaded "
+            raise BadInput(f"{what} {folder} cannot be loaded: {path.relative_to(folder)} would run code when loaded "
                            f"({', '.join(unknown[:3])}); harness loads no such file: it was not written by harness")

@@ -109,7 +109,9 @@ def test_launch_config_trains_checkpoints_and_exports_as_shipped(path, tmp_path,
     assert not marker.exists()
     if path.name in RESUMED_PLANTED:  # the whole way: `harness train` resuming from it, on every rank
         plant(files[-1], marker)
-        r = launch(path, "train", "--config", str(cfg), f"train.resume={checkpoint}", "train.max_steps=4",
+        r = launch(path, "train", "--config", str(cfg), f"train.resume={checkpoint}",
                    procs=procs, launch_args=CPU_OVERRIDES.get(path.name, []))
-        assert r.returncode != 0 and "would run code when loaded" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+        ranks = r.stderr.split("exitcode")[0]  # what the ranks printed, before the launcher's own report
+        assert r.returncode != 0 and "exitcode  : 2" in r.stderr and "Traceback" not in ranks, r.stderr[-3000:]
+        assert ranks.count("would run code when loaded") == procs, "every rank refuses it, each in one line"
         assert not marker.exists(), "the planted code ran"

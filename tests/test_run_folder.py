@@ -81,7 +81,7 @@ def test_begin_fresh_clears_every_output_of_the_old_run(tmp_path):
         f.write_text("x")
     (run.root / "notes.txt").write_text("mine")  # not a run output: kept
     run.begin(cfg, fresh=True)
-    assert sorted(p.name for p in run.root.iterdir()) == ["config.yaml", "notes.txt"]
+    assert sorted(p.name for p in run.root.iterdir()) == ["config.yaml", "harness-run.json", "notes.txt"]
 
 
 def test_a_fresh_start_is_refused_where_others_files_stand_at_harness_names_and_allowed_beside_others(tmp_path):

@@ -27,7 +27,7 @@ def test_a_planted_pickle_is_refused_naming_the_file_and_nothing_runs(tmp_path, 
     (tmp_path / "ck").mkdir()
     plant(tmp_path / "ck" / name, marker)
     assert any(g in ("posix.system", "os.system", "nt.system") for g in pickle_globals(tmp_path / "ck" / name))
-    with pytest.raises(BadInput, match=rf"checkpoint {tmp_path / 'ck'}: {name} would run code when loaded"):
+    with pytest.raises(BadInput, match=rf"checkpoint {tmp_path / 'ck'} cannot be loaded: {name} would run code when loaded"):
         check_pickles(tmp_path / "ck", "checkpoint")
     assert not marker.exists()
 

@@ -158,7 +158,7 @@ def test_a_corrupt_model_is_one_line_and_the_corrected_command_trains_in_the_sam
     r = harness("train", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1] == expected
     assert "tokenizing" not in r.stderr
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "harness-run.json"]
     r = ok(harness("train", "--config", str(cfg), f"train.output_dir={run}", "train.max_steps=2"))
     assert "holds the config of a run that trained nothing" in r.stdout and (run / "final" / "config.json").is_file()
 
