@@ -15,6 +15,7 @@ Tests break writes at named points through harness.faults.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -26,9 +27,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from accelerate.utils import load as accelerate_load
 
+from harness.distributed import failing_rank
 from harness.errors import BadInput, WriteFailed, first_line
 from harness.faults import NONE as NO_FAULTS, Faults
 from harness.safeload import check_pickles
@@ -122,10 +123,24 @@ def checked_checkpoint(path: Path) -> Path:
 
 
 def read_progress(path: Path) -> Progress:
+    """progress.json, every field of the type and range a run writes, or BadInput naming the first that is not."""
     try:
-        return Progress(**json.loads((path / PROGRESS).read_text()))
+        values = json.loads((path / PROGRESS).read_bytes())
+        progress = Progress(**values)
     except (OSError, ValueError, TypeError) as e:
-        raise BadInput(f"checkpoint {path}: cannot read {PROGRESS}: {e}") from None
+        raise BadInput(f"checkpoint {path}: cannot read {PROGRESS}: {first_line(e)}") from None
+    for f in dataclasses.fields(Progress):
+        value = getattr(progress, f.name)
+        if f.name == "best_value":
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == value)
+        elif f.name == "sharding":
+            ok = value is None or isinstance(value, str)
+        else:
+            least = 1 if f.name == "world_size" else 0
+            ok = (value is None and f.name == "best_step") or (type(value) is int and value >= least)
+        if not ok:
+            raise BadInput(f"checkpoint {path}: {PROGRESS} has {f.name}={str(value)[:40]!r}, which no run writes")
+    return progress
 
 
 # ---------------------------------------------------------------- writing
@@ -151,16 +166,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def failing_rank(accelerator, failed: bool) -> int:
-    """Collective: the highest rank on which something failed, or -1 where it failed nowhere."""
-    rank = accelerator.process_index if failed else -1
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([rank], device=accelerator.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        rank = int(flag.item())
-    return rank
 
 
 def agree_on_load(accelerator, error: Optional[BadInput], checkpoint: Path) -> None:

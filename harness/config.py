@@ -196,7 +196,7 @@ AT_LEAST = {
     "model.num_labels": 2, "data.max_length": 8, "data.train_samples": 1, "data.eval_samples": 1, "data.num_workers": 0,
     "train.epochs": 1, "train.max_steps": 1, "train.per_device_batch_size": 1, "train.eval_batch_size": 1,
     "train.grad_accum_steps": 1, "train.weight_decay": 0, "train.warmup_steps": 0, "train.max_grad_norm": 0,
-    "train.log_every": 1, "train.keep_last": 1, "train.early_stopping_patience": 1, "train.early_stopping_min_delta": 0,
+    "train.log_every": 1, "train.keep_last": 1, "train.seed": 0, "train.early_stopping_patience": 1, "train.early_stopping_min_delta": 0,
 }
 POSITIVE = ("train.lr", "train.peak_flops", "train.stall_timeout_s")
 
@@ -217,7 +217,7 @@ def validate(cfg: Config) -> None:
 
     for key, allowed in CHOICES.items():
         need(any(value[key] == a and type(value[key]) is type(a) for a in allowed),
-             f"{key} must be {_words(allowed)}, got {value[key]!r}")
+             f"{key} must be {_words(allowed)}, got {str(value[key])[:80]!r}")
     for key, least in AT_LEAST.items():
         v = value[key]
         need(v is None or (v >= least and v == v and v != float("inf")), f"{key} must be at least {least}, got {v}")
@@ -225,6 +225,9 @@ def validate(cfg: Config) -> None:
         need(value[key] is None or 0 < value[key] < float("inf"), f"{key} must be positive and finite, got {value[key]}")
     need(m.label_names is None or len(m.label_names) == m.num_labels,
          f"model.label_names has {len(m.label_names or [])} names but model.num_labels is {m.num_labels}")
+    need(m.label_names is None or len(set(m.label_names)) == len(m.label_names),
+         f"model.label_names names a label twice: {m.label_names}")
+    need(t.seed < 2**32, f"train.seed must be below 2**32 (what numpy and torch seed with), got {t.seed}")
     need(d.text_pair_column is None or d.truncation == "head",
          "data.truncation=head_tail applies to single texts; sentence pairs (data.text_pair_column) are truncated "
          "from the longer side first: use data.truncation=head")

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
@@ -227,3 +228,13 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+def failing_rank(accelerator, failed: bool) -> int:
+    """Collective: the highest rank on which something failed, or -1 where it failed nowhere."""
+    rank = accelerator.process_index if failed else -1
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([rank], device=accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        rank = int(flag.item())
+    return rank

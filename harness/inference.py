@@ -142,7 +142,11 @@ def read_jsonl_texts(path: Path) -> list:
     if not path.is_file():
         raise BadInput(f"--input file not found: {path}")
     texts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadInput(f"{path} line {n}: not UTF-8 text") from None
         if not line.strip():
             continue
         try:

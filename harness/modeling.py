@@ -183,6 +183,10 @@ def load_trained(model_dir: str | Path, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True, trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as e:
         raise BadInput(f"cannot load model from {model_dir}: {first_line(e)}") from None
+    ids = sorted(model.config.id2label, key=str)
+    if ids != sorted(range(model.config.num_labels), key=str):
+        raise BadInput(f"{model_dir}/config.json: id2label must name the labels 0 to {model.config.num_labels - 1} "
+                       f"once each, got keys {ids[:10]}")
     return model, tokenizer
 
 

@@ -27,6 +27,7 @@ from harness.distributed import describe_fsdp, describe_zero, deepspeed_values, 
 from harness.errors import BadInput, first_line
 from harness.graphs import check_config as check_graphs_config
 from harness.modeling import check_max_length, check_weight_files, load_model_config, model_shape, resolve_model_path
+from harness.recipes import read_yaml_file
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule, flops_upper_bound, training_flops_per_token
 from harness.sources import load_split
@@ -49,9 +50,9 @@ def read_launch_config(path: Optional[str]) -> dict:
     if not p.is_file():
         raise BadInput(f"--launch-config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = read_yaml_file(p, f"--launch-config {p}") or {}
     except yaml.YAMLError as e:
-        raise BadInput(f"--launch-config {p} is not valid YAML: {e}") from None
+        raise BadInput(f"--launch-config {p} is not valid YAML: {first_line(e)}") from None
     if not isinstance(raw, dict):
         raise BadInput(f"--launch-config {p} must be a mapping")
     try:  # what `accelerate launch` itself would refuse (unknown keys, bad values), refused here first

@@ -19,6 +19,52 @@ from harness.config import SECTIONS, Config, validate
 from harness.errors import BadInput
 
 
+# Bounds on any YAML harness reads (recipes, run folders' config.yaml, launch configs): a file written by hand
+# or by someone else must not exhaust memory or the stack before it is validated.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000  # counted with every alias expanded
+
+
+def read_yaml(text: str, what: str):
+    """yaml.safe_load of `text`, refused (BadInput naming `what`) when it is larger, deeper or, aliases expanded,
+    bigger than the bounds; the bounds are checked on the event stream, before anything is built."""
+    if len(text) > MAX_YAML_BYTES:
+        raise BadInput(f"{what} is {len(text)} bytes, more than a config takes ({MAX_YAML_BYTES})")
+    sizes: dict[str, int] = {}
+    stack = [[0, None]]  # per open collection: nodes so far, its anchor
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            stack.append([1, event.anchor])
+            if len(stack) > MAX_YAML_DEPTH:
+                raise BadInput(f"{what} nests deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            count, anchor = stack.pop()
+            stack[-1][0] += count
+            if anchor:
+                sizes[anchor] = count
+        elif isinstance(event, yaml.ScalarEvent):
+            stack[-1][0] += 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            stack[-1][0] += sizes.get(event.anchor, 1)
+        if sum(count for count, _ in stack) > MAX_YAML_NODES:
+            raise BadInput(f"{what} expands to more than {MAX_YAML_NODES} values (aliases expanded)")
+    return yaml.safe_load(text)
+
+
+def read_yaml_file(path: Path, what: str):
+    """read_yaml of a file, which must be UTF-8 text; YAML's own errors are the caller's to word."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{what} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise BadInput(f"{what} cannot be read: {e.strerror or e}") from None
+    return read_yaml(text, what)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML recipe (or start from defaults when path is None) and apply `key=value` overrides."""
     raw: dict = {}
@@ -27,7 +73,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise BadInput(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = read_yaml_file(path, f"config file {path}") or {}
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" (line {where.line + 1})" if where is not None else ""
@@ -70,7 +116,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if key.count(".") != 1 or not all(key.split(".")):
         raise BadInput(f"override key '{key}' must be section.key (e.g. train.lr=3e-5)")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = read_yaml(text, f"override '{item}'") if text.strip() else None
     except yaml.YAMLError:
         value = text  # a plain string that YAML cannot parse, e.g. a path with ': '
     return key, value
@@ -86,6 +132,12 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     if raw[section] is None:
         raw[section] = {}
     raw[section][name] = value
+
+
+def _shown(value: Any) -> str:
+    """A value in a message: its repr, cut to a line (a value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _type_name(tp: Any) -> str:
@@ -106,22 +158,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except BadInput:
                 errors.append(_type_name(arg))
-        raise BadInput(f"config key {key}: expected {' or '.join(errors)}, got {value!r}")
+        raise BadInput(f"config key {key}: expected {' or '.join(errors)}, got {_shown(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise BadInput(f"config key {key}: expected a list, got {value!r}")
+            raise BadInput(f"config key {key}: expected a list, got {_shown(value)}")
         return [_coerce(v, item_tp, key) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise BadInput(f"config key {key}: expected true or false, got {value!r}")
+        raise BadInput(f"config key {key}: expected true or false, got {_shown(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise BadInput(f"config key {key}: expected an integer, got {value!r}")
+        raise BadInput(f"config key {key}: expected an integer, got {_shown(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -130,9 +182,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise BadInput(f"config key {key}: expected a number, got {value!r}")
+        raise BadInput(f"config key {key}: expected a number, got {_shown(value)}")
     if tp is str:
         if isinstance(value, str) and value:
             return value
-        raise BadInput(f"config key {key}: expected a non-empty string, got {value!r}")
+        raise BadInput(f"config key {key}: expected a non-empty string, got {_shown(value)}")
     raise AssertionError(f"unsupported config type {tp} for {key}")

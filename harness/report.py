@@ -15,14 +15,16 @@ import base64
 import html
 import io
 import json
+import os
 from pathlib import Path
 
 import yaml
 
 from harness.checkpoint import verify
 from harness.config import METRICS
-from harness.errors import BadInput
+from harness.errors import BadInput, WriteFailed
 from harness.export import EVALUATION
+from harness.recipes import read_yaml_file
 
 TRAIN_CURVES = [("train/loss", "training loss"), ("train/lr", "learning rate"), ("train/grad_norm", "gradient norm"),
                 ("train/samples_per_s", "throughput (samples/s)")]
@@ -38,10 +40,11 @@ class Run:
         if not (self.root / "metrics.jsonl").is_file() and not (self.root / "config.yaml").is_file():
             raise BadInput(f"report: {self.root} is not a harness run folder (no metrics.jsonl or config.yaml)")
         self.name = self.root.name
-        self.records = self._jsonl(self.root / "metrics.jsonl")
+        self.records = [r for r in self._jsonl(self.root / "metrics.jsonl") if _number(r.get("step"))]
         self.config = self._yaml(self.root / "config.yaml")
         # the launch log, under the name harness 0.1 gave it too
-        self.launches = self._jsonl(self.root / "sessions.jsonl") + self._jsonl(self.root / "launches.jsonl")
+        self.launches = [r for r in self._jsonl(self.root / "sessions.jsonl") + self._jsonl(self.root / "launches.jsonl")
+                         if _number(r.get("time"))]
         self.final = self._json(self.root / "final" / "eval_results.json")
         self.best = self._json(self.root / "best" / "eval_results.json")
         # where `harness evaluate` wrote a whole evaluation (its manifest lists the files as they are)
@@ -51,28 +54,35 @@ class Run:
 
     @staticmethod
     def _jsonl(path: Path) -> list[dict]:
-        if not path.is_file():
+        """The records of a JSON-lines file: a line cut short by a kill, or anything but an object, is skipped."""
+        try:
+            lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        except OSError:
             return []
         rows = []
-        for line in path.read_text().splitlines():
+        for line in lines:
             try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut short by a kill: the rest is still worth showing
+                row = json.loads(line)
+            except ValueError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
         return rows
 
     @staticmethod
     def _json(path: Path) -> dict | None:
         try:
-            return json.loads(path.read_text())
+            loaded = json.loads(path.read_bytes())
         except (OSError, ValueError):
             return None
+        return loaded if isinstance(loaded, dict) else None
 
     @staticmethod
     def _yaml(path: Path) -> dict:
         try:
-            return yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError):
+            loaded = read_yaml_file(path, str(path))
+            return loaded if isinstance(loaded, dict) else {}
+        except (BadInput, yaml.YAMLError):
             return {}
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
@@ -122,10 +132,15 @@ class Run:
                 "hardware": self.hardware()}
 
     def best_text(self) -> str | None:
-        metric = (self.config.get("train") or {}).get("best_metric")
-        if not metric or not self.best:
+        train = self.config.get("train")
+        metric = train.get("best_metric") if isinstance(train, dict) else None
+        if not isinstance(metric, str) or not self.best or not _number(self.best.get(metric)):
             return None
         return f"{metric} {self.best.get(metric):.4f} at step {self.best.get('step')}"
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
@@ -156,7 +171,7 @@ def comparison_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
                      _fmt(s["samples/s"]), s["hardware"]])
     if len(runs) > 1:
         for m in METRICS:
-            values = [s[m] for s in summaries if s[m] is not None]
+            values = [s[m] for s in summaries if _number(s[m])]
             if values:
                 best = max(values) if METRICS[m] else min(values)
                 col = header.index(m)
@@ -173,7 +188,7 @@ def markdown(runs: list[Run]) -> str:
     for run in runs:
         lines += [f"\n{run.name}: {cut_short(d)}" for d in run.cut_short]
         if run.model_dir is not None:
-            confusion = Run._json(run.model_dir / "confusion_matrix.json")
+            confusion = confusion_of(run.model_dir)
             if confusion:
                 lines.append(f"\n{run.name}: confusion matrix ({run.model_dir.name}/, rows true, columns predicted): "
                              + "; ".join(f"{name}: {row}" for name, row in zip(confusion["labels"], confusion["matrix"])))
@@ -187,8 +202,20 @@ def cut_short(folder: Path) -> str:
 
 def mistakes(model_dir: Path, n: int = 10) -> list[dict]:
     """The most confident wrong predictions, from the predictions.jsonl that `harness evaluate` wrote."""
-    wrong = [p for p in Run._jsonl(model_dir / "predictions.jsonl") if p.get("predicted") != p.get("label")]
+    wrong = [p for p in Run._jsonl(model_dir / "predictions.jsonl") if p.get("predicted") != p.get("label")
+             and isinstance(p.get("probabilities"), dict) and _number(p["probabilities"].get(p.get("predicted")))]
     return sorted(wrong, key=lambda p: -p["probabilities"][p["predicted"]])[:n]
+
+
+def confusion_of(model_dir: Path) -> dict | None:
+    """confusion_matrix.json as `harness evaluate` writes it (labels, a square matrix of counts), else None."""
+    confusion = Run._json(model_dir / "confusion_matrix.json")
+    if confusion is None or not isinstance(confusion.get("labels"), list) or not isinstance(confusion.get("matrix"), list):
+        return None
+    n = len(confusion["labels"])
+    square = len(confusion["matrix"]) == n and all(
+        isinstance(row, list) and len(row) == n and all(isinstance(c, int) for c in row) for row in confusion["matrix"])
+    return confusion if square else None
 
 
 # ---------------------------------------------------------------- the page
@@ -281,7 +308,7 @@ def page(runs: list[Run]) -> str:
                                          for n, v in per.items()]))
         parts += [f"<p>{html.escape(cut_short(d))}</p>" for d in run.cut_short]
         if run.model_dir is not None:
-            confusion = Run._json(run.model_dir / "confusion_matrix.json")
+            confusion = confusion_of(run.model_dir)
             if confusion:
                 parts.append(f"<h3>Confusion matrix ({run.model_dir.name}/)</h3>" + confusion_figure(confusion))
             wrong = mistakes(run.model_dir)
@@ -303,10 +330,16 @@ def report(run_dirs: list[str], out: str | None = None) -> Path:
     """Write the page (default: report.html in the first run's folder), print the Markdown summary."""
     runs = [Run(Path(d)) for d in run_dirs]
     target = Path(out) if out else runs[0].root / "report.html"
+    if not target.parent.is_dir():
+        raise BadInput(f"report: --out {target}: the folder {target.parent} does not exist")
     text = page(runs)  # needs matplotlib: checked before anything is written
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(target)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(target)
+    except OSError as e:  # a full disk, a quota, a folder not writable: the page is not written, nothing is left
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"could not write {target}: {e.strerror or e}") from None
     print(markdown(runs))
     print(f"\nreport: {target}")
     return target

@@ -35,6 +35,7 @@ from harness.checkpoint import checked_checkpoint, latest_checkpoint, replace_fi
 from harness.config import Config
 from harness.errors import BadInput
 from harness.lock import RunLock, hold
+from harness.recipes import read_yaml_file
 
 # Keys that change how a run is driven or recorded, not what it trains: a resume may change them.
 NEUTRAL_KEYS = {
@@ -93,8 +94,8 @@ class RunFolder:
         except (OSError, ValueError, KeyError, TypeError):
             return set()  # a marker that does not parse owns nothing: never a reason to delete
         try:
-            legacy = yaml.safe_load(self.config.read_text())
-        except (OSError, yaml.YAMLError):
+            legacy = read_yaml_file(self.config, str(self.config))
+        except (BadInput, yaml.YAMLError):
             return set()
         if not isinstance(legacy, dict) or not {"model", "data", "train"} <= set(legacy):
             return set()
@@ -133,9 +134,10 @@ class RunFolder:
         has_run = self.holds_results()
         if self.config.is_file():
             try:
-                previous = yaml.safe_load(self.config.read_text()) or {}
-            except yaml.YAMLError:
+                previous = read_yaml_file(self.config, str(self.config)) or {}
+            except (BadInput, yaml.YAMLError):
                 previous = None
+            previous = previous if isinstance(previous, dict) else None
             differs = previous is None or _comparable(previous) != _comparable(cfg.to_dict())
             if differs and t.overwrite:
                 return self._fresh()

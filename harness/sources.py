@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import codecs
 import random
 from pathlib import Path
 from typing import Optional
@@ -67,7 +68,26 @@ def _load_source(source: str, split: str, config_name: Optional[str] = None) -> 
         raise BadInput(f"cannot load dataset {named} split '{split}': {first_line(e)}") from None
 
 
+def check_utf8(path: Path, what: str) -> None:
+    """Text files must be UTF-8 throughout: arrow reads them lazily and would fail at the first bad row instead."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                line += chunk[: e.start].count(b"\n")
+                raise BadInput(f"{what} {path} line {line}: not UTF-8 text") from None
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise BadInput(f"{what} {path}: ends inside a UTF-8 character (cut short?)") from None
+
+
 def _load_file(path: Path) -> Dataset:
+    if path.suffix != ".parquet":
+        check_utf8(path, "data file")
     try:
         return load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
     except Exception as e:

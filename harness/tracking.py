@@ -19,7 +19,8 @@ from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
 from harness.config import TRACKERS
-from harness.errors import BadInput
+from harness.distributed import failing_rank
+from harness.errors import BadInput, WriteFailed, first_line
 
 
 def trackers(report_to) -> list[str]:
@@ -54,9 +55,17 @@ class MetricsLog:
             accelerator.init_trackers(run.root.name or "harness", config=flat, init_kwargs=purge)
 
     def log(self, step: int, values: dict) -> None:
+        """Collective: a write that fails (a full disk) stops every rank with WriteFailed, as a checkpoint's does."""
+        error = None
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"step": step, **values}) + "\n")
+            except OSError as e:
+                error = e
+        rank = failing_rank(self.accelerator, error is not None)
+        if rank >= 0:
+            raise WriteFailed(f"could not write {self.path}: {first_line(error) if error else f'failed on rank {rank}'}")
         if self.tracking:  # Accelerate logs on the main process only
             self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from harness.checkpoint import COMPLETE, latest_checkpoint
+from harness.errors import BadInput
 from tests.helpers import CPU_LAUNCH, REPO, free_port, harness, losses, ok, write_config
 
 
@@ -246,3 +247,37 @@ def test_resume_none_refuses_an_existing_run(saved_run):
     cfg, out = saved_run
     r = harness("train", "--config", str(cfg), "train.resume=none")
     assert r.returncode == 2 and "already holds a run and train.resume=none" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("field, value", [("step", "7"), ("position", -3), ("world_size", 0), ("best_value", "high"),
+                                          ("sharding", 3), ("epoch", 1.5), ("best_step", True)])
+def test_a_progress_file_with_a_value_no_run_writes_is_refused(tmp_path, field, value):
+    from harness.checkpoint import PROGRESS, read_progress
+
+    (tmp_path / PROGRESS).write_text(json.dumps({"step": 4, field: value}))
+    with pytest.raises(BadInput, match=rf"{PROGRESS} has {field}="):
+        read_progress(tmp_path)
+    (tmp_path / PROGRESS).write_text(json.dumps({"step": 4, "best_value": 0.5, "best_step": None}))
+    assert read_progress(tmp_path).step == 4
+
+
+@pytest.mark.slow
+def test_a_load_that_fails_on_one_rank_stops_every_rank_together_naming_the_file(tmp_path, tiny_model):
+    """Rank 1's RNG state is gone (COMPLETE.json rewritten to match): Accelerate would skip it at info level and
+    resume with other random numbers. Both ranks refuse the checkpoint, rank 1 naming the file, and exit 2
+    together, leaving no lock behind."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run", data={"train_samples": 32},
+                       train={"max_steps": 2, "save_every": 2, "eval_every": 100})
+    assert "2 process(es) x batch" in ok(harness("train", "--config", str(cfg), procs=2)).stdout
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    (checkpoint / "random_states_1.pkl").unlink()
+    record = json.loads((checkpoint / COMPLETE).read_text())
+    del record["files"]["random_states_1.pkl"]
+    (checkpoint / COMPLETE).write_text(json.dumps(record))
+    started = time.monotonic()
+    r = harness("train", "--config", str(cfg), f"train.resume={checkpoint}", procs=2)
+    ranks = r.stderr.split("exitcode")[0]
+    assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
+    assert "random_states_1.pkl cannot be read" in ranks and f"cannot be loaded on rank 1" in ranks, ranks[-2000:]
+    assert "Traceback" not in ranks and time.monotonic() - started < 120
+    assert not (tmp_path / "run" / "run.lock").exists()

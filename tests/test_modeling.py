@@ -79,3 +79,15 @@ def test_a_model_folder_with_code_of_its_own_is_refused_unless_asked_and_nothing
         assert r.stderr.strip().splitlines()[-1].startswith("harness: error: "), (command, r.stderr[-2000:])
         assert "ships Python code of its own (config.json names an auto_map)" in r.stderr and how in r.stderr, command
     assert not marker.exists(), "the folder's code ran"
+
+
+def test_a_model_folder_whose_id2label_does_not_name_its_labels_is_one_line(tmp_path, tiny_model):
+    from harness.modeling import load_trained
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_model, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "neg", "7": "pos"}, {"neg": 0, "pos": 7}
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match=r"config.json: id2label must name the labels 0 to 1 once each"):
+        load_trained(odd)

@@ -101,3 +101,21 @@ def test_wall_time_counts_the_launches_that_ended_and_the_keys_that_differ(tmp_p
     assert a.samples_per_s() == 20.0 and a.last_step() == 10, "a line cut short by a kill is skipped"
     assert a.status() == "unfinished" and a.hardware() == "2 x cpu (x86_64), DDP, no" and b.hardware() == "unknown"
     assert differing_keys([a, b]) == ["train.lr"], "output_dir always differs and is left out"
+
+
+def test_malformed_run_files_are_skipped_and_a_missing_out_folder_is_one_line(tmp_path, capsys):
+    """A run folder's files are read defensively: records that are not objects, steps that are not numbers, a config
+    that is not a mapping, a confusion matrix of the wrong shape; --out into a missing folder is refused first."""
+    run = tmp_path / "odd"
+    run.mkdir()
+    (run / "config.yaml").write_text("[1, 2, 3]\n")
+    (run / "metrics.jsonl").write_bytes(b'[1, 2]\n{"step": "x", "train/loss": 1}\n{"step": 3, "train/loss": 0.5}\n\xff\n')
+    (run / "launches.jsonl").write_text('{"time": "noon", "event": "started"}\n"text"\n')
+    (run / "final").mkdir()
+    (run / "final" / "eval_results.json").write_text('["not", "a", "mapping"]')
+    assert main(["report", str(run), "--out", str(tmp_path / "nowhere" / "r.html")]) == 2
+    assert "the folder" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    out = capsys.readouterr().out
+    assert "| odd | unfinished | 3 |" in out and (tmp_path / "r.html").is_file()
+    assert not list(tmp_path.glob("*.tmp"))

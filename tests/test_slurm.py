@@ -158,6 +158,11 @@ def test_a_sweep_task_trains_its_line_into_its_own_folder(fake_slurm, tmp_path):
     assert f"training finished: {folder}/final" in r.stdout and not (log / "scontrol").exists()
     beyond = run("sweep.sbatch", 1, "finish", args=[str(sweep)], SLURM_ARRAY_TASK_ID="2")
     assert beyond.returncode == 2 and f"{sweep} has no line for array task 2" in beyond.stderr
+    flags = tmp_path / "flags.txt"
+    flags.write_text("--help\n")  # a flag would end the task at exit 0 having trained nothing
+    refused = run("sweep.sbatch", 1, "finish", args=[str(flags)], SLURM_ARRAY_TASK_ID="0")
+    assert refused.returncode == 2 and "'--help' is not a section.key=value override" in refused.stderr
+    assert not (log / "launch-0").read_text().count("--help")
 
 
 @pytest.mark.slow

@@ -58,3 +58,19 @@ def test_sync_watch_counts_synchronising_operations_not_the_prototype_notice():
     assert is_sync_warning("called a synchronizing CUDA operation (Triggered internally at c10/cuda/CUDAFunctions.cpp:154.)")
     assert not is_sync_warning("Synchronization debug mode is a prototype feature and does not yet detect all "
                                "synchronizing operations (Triggered internally at /pytorch/torch/csrc/cuda/Module.cpp:1003.)")
+
+
+def test_a_metrics_write_that_fails_stops_the_run_with_write_failed(tmp_path):
+    from types import SimpleNamespace
+
+    from harness.errors import WriteFailed
+    from harness.tracking import MetricsLog
+
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, log_with=[])
+    run = SimpleNamespace(metrics=tmp_path / "metrics.jsonl", root=tmp_path)
+    log = MetricsLog(accelerator, run, None, resume_step=None)
+    log.log(1, {"train/loss": 0.5})
+    run.metrics.unlink()
+    run.metrics.mkdir()  # the write now fails as a full disk's would, with an OSError
+    with pytest.raises(WriteFailed, match=rf"could not write {run.metrics}: \[Errno 21\] Is a directory"):
+        log.log(2, {"train/loss": 0.4})
