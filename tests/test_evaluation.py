@@ -114,3 +114,11 @@ def test_evaluate_holds_its_output_folder_and_a_cut_short_evaluation_is_not_repo
     cut = ok(harness("report", str(tmp_path / "run"), "--out", str(tmp_path / "cut.html")))
     assert "the evaluation files in final/ are not one whole evaluation (predictions.jsonl has" in cut.stdout
     assert "confusion matrix (final/" not in cut.stdout and "Most confident mistakes" not in (tmp_path / "cut.html").read_text()
+
+
+def test_an_output_under_a_file_is_refused_before_the_evaluation(tmp_path, decisive_model):
+    cfg = write_config(tmp_path / "c.yaml", decisive_model, tmp_path / "run", data={"eval_samples": 20})
+    (tmp_path / "a-file").write_text("not a folder")
+    r = harness("evaluate", "--model", str(decisive_model), "--config", str(cfg), "--output", str(tmp_path / "a-file" / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "tokenizing" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"harness: error: evaluate --output {tmp_path / 'a-file' / 'out'}")

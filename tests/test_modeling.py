@@ -91,3 +91,22 @@ def test_a_model_folder_whose_id2label_does_not_name_its_labels_is_one_line(tmp_
     (odd / "config.json").write_text(json.dumps(config))
     with pytest.raises(BadInput, match=r"config.json: id2label must name the labels 0 to 1 once each"):
         load_trained(odd)
+
+
+@pytest.mark.parametrize("planted_file", ["pytorch_model.bin", "training_args.bin"])
+def test_a_pickle_planted_in_a_model_folder_never_runs(tmp_path, tiny_model, planted_file):
+    """transformers would unpickle a pytorch_model.bin (weights_only, an UnpicklingError traceback at best): train,
+    evaluate and predict refuse the folder in one line before any library reads it, and nothing runs."""
+    from tests.helpers import plant
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    marker = tmp_path / "ran"
+    plant(folder / planted_file, marker)
+    recipe = write_config(tmp_path / "c.yaml", folder, tmp_path / "run", train={"max_steps": 1})
+    for args in (["train", "--config", str(recipe)], ["predict", "--model", str(folder), "a film"],
+                 ["evaluate", "--model", str(folder), "--config", str(recipe)]):
+        r = harness(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args[0], r.stderr[-2000:])
+        assert f"model folder {folder} cannot be loaded: {planted_file} would run code when loaded" in r.stderr
+    assert not marker.exists()
