@@ -108,9 +108,16 @@ def main(argv: list[str] | None = None) -> int:
 def _leave_process_group() -> None:
     """Every rank stops on the same error: leave the process group cleanly, so that no rank is aborted by
     the teardown of a group whose peers already left (SIGABRT instead of the exit code)."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        try:  # the ranks leave together: none closes its connections while a peer still talks over them
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=10))
+        except Exception:  # a rank that stopped alone: the others are not coming, leave anyway
+            pass
         try:
             dist.destroy_process_group()
         except Exception:  # the error is already reported; nothing more to do here

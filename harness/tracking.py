@@ -55,19 +55,21 @@ class MetricsLog:
             accelerator.init_trackers(run.root.name or "harness", config=flat, init_kwargs=purge)
 
     def log(self, step: int, values: dict) -> None:
-        """Collective: a write that fails (a full disk) stops every rank with WriteFailed, as a checkpoint's does."""
+        """Collective: a write that fails (a full disk, for metrics.jsonl or a tracker's files) stops every rank with
+        WriteFailed, as a checkpoint's does."""
         error = None
-        if self.enabled:
-            try:
+        try:
+            if self.enabled:
                 with self.path.open("a") as f:
                     f.write(json.dumps({"step": step, **values}) + "\n")
-            except OSError as e:
-                error = e
+            if self.tracking:  # Accelerate logs on the main process only; TensorBoard raises a failed write here
+                self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+        except OSError as e:
+            error = e
         rank = failing_rank(self.accelerator, error is not None)
         if rank >= 0:
-            raise WriteFailed(f"could not write {self.path}: {first_line(error) if error else f'failed on rank {rank}'}")
-        if self.tracking:  # Accelerate logs on the main process only
-            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+            where = getattr(error, "filename", None) or self.path
+            raise WriteFailed(f"could not write {where}: {first_line(error) if error else f'failed on rank {rank}'}")
 
     def close(self) -> None:
         self.tracking = False  # the trackers themselves are finished by accelerator.end_training()

@@ -74,3 +74,23 @@ def test_a_metrics_write_that_fails_stops_the_run_with_write_failed(tmp_path):
     run.metrics.mkdir()  # the write now fails as a full disk's would, with an OSError
     with pytest.raises(WriteFailed, match=rf"could not write {run.metrics}: \[Errno 21\] Is a directory"):
         log.log(2, {"train/loss": 0.4})
+
+
+def test_a_tracker_write_that_fails_stops_the_run_with_write_failed(tmp_path):
+    """TensorBoard's writer thread hands a failed write back at the next log call, as an OSError."""
+    import errno
+    from types import SimpleNamespace
+
+    from harness.errors import WriteFailed
+    from harness.tracking import MetricsLog
+
+    def full_disk(values, step):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "tensorboard" / "events.out"))
+
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, log_with=["tensorboard"],
+                                  init_trackers=lambda *a, **k: None, log=full_disk)
+    cfg = SimpleNamespace(to_dict=lambda: {"train": {"lr": 1e-3}})
+    log = MetricsLog(accelerator, SimpleNamespace(metrics=tmp_path / "metrics.jsonl", root=tmp_path), cfg, None)
+    with pytest.raises(WriteFailed, match=r"could not write .*events.out: \[Errno 28\] No space left on device"):
+        log.log(1, {"train/loss": 0.5})
+
