@@ -145,6 +145,24 @@ def synthetic_rows(split: str, size: Optional[int] = None) -> dict:
     return {"text": [texts[i] for i in order], "label": [labels[i] for i in order]}
 
 
+def label_id(value, label_names: Optional[list[str]], num_labels: int, where: str) -> int:
+    """A label as users store it, as an id in [0, num_labels): an id, a whole number stored as a float (as pandas
+    writes them), a name of model.label_names, or an id written as text."""
+    names = {name: i for i, name in enumerate(label_names or [])}
+    if isinstance(value, str) and value in names:
+        return names[value]
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    elif isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        known = f"one of model.label_names {label_names}" if label_names else "an id (set model.label_names to map names)"
+        raise BadInput(f"{where}: label {value!r} is not {known}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < num_labels:
+        raise BadInput(f"{where}: label {value!r} is outside [0, {num_labels}) (model.num_labels={num_labels})")
+    return int(value)
+
+
 def validate_columns(ds: Dataset, cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int) -> Dataset:
     """Check the columns and labels; returns a dataset whose label column holds ints."""
     columns = [("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)]
@@ -155,20 +173,10 @@ def validate_columns(ds: Dataset, cfg: DataConfig, split: str, label_names: Opti
             raise BadInput(f"{key}: column '{col}' not in split '{split}' (columns: {', '.join(ds.column_names)})")
     if len(ds) == 0:
         raise BadInput(f"split '{split}' of {cfg.dataset} is empty")
-    labels = ds[cfg.label_column]
-    if any(isinstance(v, str) for v in labels):
-        if not label_names:
-            raise BadInput(f"data.label_column '{cfg.label_column}' holds strings; set model.label_names to map them to ids")
-        ids = {name: i for i, name in enumerate(label_names)}
-        for row, v in enumerate(labels):
-            if v not in ids:
-                raise BadInput(f"split '{split}' row {row}: label {v!r} is not one of model.label_names {label_names}")
-        col = cfg.label_column
-        ds = ds.map(lambda b: {col: [ids[v] for v in b[col]]}, batched=True, desc="label names to ids")
-        labels = ds[col]
-    for row, v in enumerate(labels):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < num_labels:
-            raise BadInput(f"split '{split}' row {row}: label {v!r} is outside [0, {num_labels}) (model.num_labels={num_labels})")
+    col = cfg.label_column
+    ids = [label_id(v, label_names, num_labels, f"split '{split}' row {row}") for row, v in enumerate(ds[col])]
+    # a new column of ids, whatever the file stored (strings come as large_string from CSV and Parquet)
+    ds = ds.remove_columns([col]).add_column(col, ids)
     for col in filter(None, (cfg.text_column, cfg.text_pair_column)):
         for row, t in enumerate(ds[col]):
             if not isinstance(t, str):

@@ -169,7 +169,8 @@ def test_string_labels_are_mapped_through_label_names(tmp_path):
         ([{"text": "x", "stars": 1}], {}, "data.label_column: column 'label' not in split 'train'"),
         ([{"text": "x", "label": 1}, {"text": "y", "label": 2}], {}, "row 1: label 2 is outside [0, 2)"),
         ([{"text": "x", "label": -1}], {}, "row 0: label -1 is outside"),
-        ([{"text": "x", "label": "great"}], {}, "holds strings; set model.label_names"),
+        ([{"text": "x", "label": "great"}], {}, "label 'great' is not an id (set model.label_names to map names)"),
+        ([{"text": "x", "label": 0.5}], {}, "row 0: label 0.5 is outside [0, 2)"),
     ],
 )
 def test_bad_columns_and_labels_are_named(tmp_path, rows, cfg_kwargs, fragment):
@@ -230,3 +231,21 @@ def test_padding_multiple_bounds_the_shapes_on_gpus_and_stays_small_on_cpus():
     # never past max_length: a multiple of 64 above it is pad tokens only, and can exceed the position embeddings
     widths = {Collator(0, 64, max_length=100)([{"input_ids": [1] * n, "labels": 0}])["input_ids"].shape[1] for n in range(1, 101)}
     assert widths == {64, 100}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_labels_as_users_store_them_become_ids_in_every_format(tmp_path, fmt):
+    """Names (mapped through model.label_names), whole numbers stored as floats (as pandas writes them) and ids
+    written as text, in every split and file format: Parquet and CSV give strings as large_string."""
+    names = ["negative", "positive"]
+    _write_split(tmp_path, "train", [{"text": "a", "label": "positive"}, {"text": "b", "label": "negative"}], fmt)
+    _write_split(tmp_path, "test", [{"text": "c", "label": "negative"}, {"text": "d", "label": "positive"}], fmt)
+    cfg = DataConfig(dataset=str(tmp_path))
+    assert load_split(cfg, "train", names, 2)["label"] == [1, 0]
+    assert load_split(cfg, "test", names, 2)["label"] == [0, 1]
+    floats = tmp_path / "floats"
+    _write_split(floats, "train", [{"text": "a", "label": 1.0}, {"text": "b", "label": 0.0}], fmt)
+    assert load_split(DataConfig(dataset=str(floats)), "train", None, 2)["label"] == [1, 0]
+    with pytest.raises(BadInput, match=r"row 0: label 'neutral' is not one of model.label_names"):
+        _write_split(tmp_path / "odd", "train", [{"text": "a", "label": "neutral"}], fmt)
+        load_split(DataConfig(dataset=str(tmp_path / "odd")), "train", names, 2)
