@@ -147,9 +147,9 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
     ctx.log = MetricsLog(acc, run, cfg, resume_step=state.step if checkpoint else None)
     guard = NonFiniteGuard(acc, functools.partial(latest_checkpoint, run.root), ctx.faults)
     meter = Throughput(acc, model_flops, peak_flops(t.peak_flops))
-    announce(cfg, ctx, state, schedule, sampler, (len(train_ds), len(eval_ds)), masters is not None)
+    launch = announce(cfg, ctx, state, schedule, sampler, (len(train_ds), len(eval_ds)), masters is not None)
     stepper = Stepper(cfg, acc, model, optimizer, scheduler, guard, meter, sharding(acc), ctx.say)
-    exporter = Exporter(acc, model, tokenizer, masters, cfg.to_yaml(), ctx.watchdog, ctx.faults)
+    exporter = Exporter(acc, model, tokenizer, masters, cfg, launch, ctx.watchdog, ctx.faults)
     ctx.install_stop_flag()
     ctx.parts = Parts(
         cfg, state, schedule.total_steps, len(train_ds), sampler, train_dl, stepper,
@@ -193,8 +193,9 @@ def build_model(cfg: Config, ctx: RunContext, schedule: Schedule):
 
 
 def announce(cfg: Config, ctx: RunContext, state: Progress, schedule: Schedule, sampler: StepBatchSampler,
-             sizes: tuple[int, int], master_weights: bool) -> None:
-    """The run's start, said once and written to launches.jsonl: parallelism, precision, sizes and steps."""
+             sizes: tuple[int, int], master_weights: bool) -> dict:
+    """The run's start, said once and written to launches.jsonl: parallelism, precision, sizes and steps; returns
+    the launch in words (processes, parallelism, precision) for the model card."""
     acc, t = ctx.accelerator, cfg.train
     parallelism = sharding(acc) or ("DDP" if acc.num_processes > 1 else "one process")
     precision = precision_in_words(acc.mixed_precision, master_weights)
@@ -207,6 +208,7 @@ def announce(cfg: Config, ctx: RunContext, state: Progress, schedule: Schedule, 
     ctx.say(f"train: {sizes[0]} examples, eval: {sizes[1]}; {acc.num_processes} process(es) x "
             f"batch {t.per_device_batch_size} x accumulation {t.grad_accum_steps} = {sampler.global_batch} per step; "
             f"{schedule.steps_per_epoch} steps/epoch, {schedule.total_steps} steps, warmup {schedule.warmup}")
+    return {"processes": acc.num_processes, "parallelism": parallelism, "precision": precision}
 
 
 # ---------------------------------------------------------------- the loop
