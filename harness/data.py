@@ -59,6 +59,9 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
     quarter of the budget from the start of a long text and the rest from its end (128 + 382 tokens at
     max_length 512, Sun et al. 2019); shorter texts are unchanged.
     """
+    # harness encodes whole texts and truncates them itself: transformers' warning that a text is longer than the
+    # model takes (shown once, at the first one) does not apply
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     if cfg.text_pair_column:
         return _tokenize_pairs(ds, tokenizer, cfg)
     text_col, label_col, max_length = cfg.text_column, cfg.label_column, cfg.max_length

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import yaml
+from transformers.utils import logging as transformers_logging
 
 from harness import __version__
 from harness.checkpoint import agree_on_write, latest_checkpoint, replace_dir
@@ -42,9 +44,10 @@ def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] 
             # save_original_format=False: keep the parameter names as they are (LayerNorm.weight), not the legacy
             # names (LayerNorm.gamma) that transformers 5 writes back for models it loaded through a renaming.
             dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), None)  # save_pretrained empties it
-            accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-                tmp, state_dict=state_dict, safe_serialization=True, save_original_format=False
-            )
+            with quiet_progress():  # one bar per export, for a file written in a second, is noise in a run's log
+                accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
+                    tmp, state_dict=state_dict, safe_serialization=True, save_original_format=False
+                )
             if weights is not None and dtype is not None:  # config.json names the parameters' dtype, not the weights'
                 _set_config_dtype(tmp / "config.json", dtype)
             tokenizer.save_pretrained(tmp)
@@ -60,6 +63,18 @@ def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] 
             error = e
     agree_on_write(accelerator, error, path, functools.partial(shutil.rmtree, tmp, ignore_errors=True),
            latest_checkpoint(path.parent))
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """transformers' progress bars off for a while, as they were after."""
+    was = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            transformers_logging.enable_progress_bar()
 
 
 def _set_config_dtype(config: Path, dtype) -> None:

@@ -120,13 +120,23 @@ def check_weight_files(cfg: ModelConfig) -> None:
             raise BadInput(f"cannot load model from '{cfg.name_or_path}': {path.name}: {first_line(e)}") from None
 
 
+# Families whose position ids start after the pad id (RoBERTa's padding_idx + 1): max_position_embeddings counts
+# pad_token_id + 1 positions no token takes.
+POSITIONS_AFTER_PAD = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
+                       "mpnet", "ibert"}
+
+
 def model_length_limit(model_config, tokenizer=None) -> tuple[int, str] | None:
-    """The longest input the model takes and where that limit comes from (its position embeddings, or its
-    tokenizer's model_max_length where that is set), or None where neither says."""
+    """The longest input the model takes and where that limit comes from (its position embeddings, less those
+    its family never uses, or its tokenizer's model_max_length where that is set), or None where neither says."""
     limits = {}
     positions = getattr(model_config, "max_position_embeddings", None)
     if isinstance(positions, int):
-        limits["its max_position_embeddings"] = positions
+        pad = getattr(model_config, "pad_token_id", None)
+        if getattr(model_config, "model_type", None) in POSITIONS_AFTER_PAD and isinstance(pad, int):
+            limits[f"its max_position_embeddings less {pad + 1} (positions start after its pad id)"] = positions - pad - 1
+        else:
+            limits["its max_position_embeddings"] = positions
     known = tokenizer is not None and isinstance(tokenizer.model_max_length, int)
     if known and tokenizer.model_max_length < 1_000_000:  # else: not set
         limits["its tokenizer's model_max_length"] = tokenizer.model_max_length

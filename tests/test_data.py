@@ -249,3 +249,27 @@ def test_labels_as_users_store_them_become_ids_in_every_format(tmp_path, fmt):
     with pytest.raises(BadInput, match=r"row 0: label 'neutral' is not one of model.label_names"):
         _write_split(tmp_path / "odd", "train", [{"text": "a", "label": "neutral"}], fmt)
         load_split(DataConfig(dataset=str(tmp_path / "odd")), "train", names, 2)
+
+
+def test_tokenizing_long_texts_says_nothing_that_does_not_apply(tiny_model):
+    """harness truncates after encoding: transformers' "Token indices sequence length is longer than the specified
+    maximum" warning would be printed by every run on IMDb although no over-long sequence reaches the model."""
+    import logging
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    transformers_logging.get_logger().addHandler(handler)
+    transformers_logging.set_verbosity_warning()  # the suite runs at error level; a user's run at warning
+    try:
+        tok = AutoTokenizer.from_pretrained(tiny_model)
+        ds = tokenize(Dataset.from_dict({"text": ["word " * 700], "label": [0]}), tok, DataConfig(max_length=64))
+        tok("word " * 700)  # the warning is shown once per tokenizer: it was not, and is not now
+    finally:
+        transformers_logging.set_verbosity_error()
+        transformers_logging.get_logger().removeHandler(handler)
+    assert ds["length"] == [64] and ds["full_length"] == [702]
+    assert not [m for m in said if "Token indices sequence length" in m], said

@@ -43,3 +43,21 @@ def test_a_hub_model_and_dataset_are_named_in_the_metadata(tmp_path):
     assert meta["base_model"] == "bert-base-uncased" and meta["datasets"] == ["stanfordnlp/imdb"]
     assert meta["model-index"][0]["results"][0]["dataset"]["split"] == "test"
     assert "| accuracy | 0.9100 |" in text and "Labels: neg, pos." in text
+
+
+def test_an_export_draws_no_progress_bar_and_leaves_the_setting_as_it_was(tmp_path, tiny_model, capfd):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from harness.export import save_model
+
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0,
+                                  wait_for_everyone=lambda: None, unwrap_model=lambda m, **k: m,
+                                  get_state_dict=lambda m: m.state_dict())
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model)
+    transformers_logging.enable_progress_bar()
+    save_model(accelerator, model, AutoTokenizer.from_pretrained(tiny_model), tmp_path / "final")
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled() and (tmp_path / "final" / "model.safetensors").is_file()

@@ -110,3 +110,19 @@ def test_a_pickle_planted_in_a_model_folder_never_runs(tmp_path, tiny_model, pla
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args[0], r.stderr[-2000:])
         assert f"model folder {folder} cannot be loaded: {planted_file} would run code when loaded" in r.stderr
     assert not marker.exists()
+
+
+def test_roberta_positions_start_after_the_pad_id_so_its_limit_is_two_less():
+    """RoBERTa and XLM-R count positions from pad id + 1: with 514 embeddings they take 512 tokens, and 513 used to
+    pass the check and fail in the forward (index 514 is out of bounds)."""
+    from transformers import BertConfig, RobertaConfig, XLMRobertaConfig
+
+    from harness.modeling import check_max_length
+
+    for config in (RobertaConfig(max_position_embeddings=514, pad_token_id=1),
+                   XLMRobertaConfig(max_position_embeddings=514, pad_token_id=1)):
+        check_max_length(512, config)
+        with pytest.raises(BadInput, match=r"data.max_length=513 is longer than the model takes \(its "
+                                           r"max_position_embeddings less 2 .* is 512\)"):
+            check_max_length(513, config)
+    check_max_length(512, BertConfig(max_position_embeddings=512, pad_token_id=0))  # BERT counts from 0
