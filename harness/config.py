@@ -40,6 +40,9 @@ class ModelConfig:
     not with CUDA graphs (the packed length changes with every batch)."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model (off unless you turn it on)."""
+    ignore_mismatched_sizes: bool = False
+    """Re-head a checkpoint trained with another number of labels: the weights whose shapes differ from this config's
+    (the classifier) are initialised anew, and the run names them."""
 
 
 @dataclass
@@ -101,6 +104,9 @@ class TrainConfig:
     """Optimizer steps of linear warmup (a value in (0, 1) is a fraction of the run), then linear decay to 0."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's inputs in the forward and recompute the rest in the backward: less activation memory
+    (large models, long inputs) for about a third more compute; the same losses. Non-reentrant, so DDP works."""
     seed: int = 42
     """Seeds the model's new weights, the data order, dropout and the subsets."""
     eval_every: Union[int, str] = "epoch"

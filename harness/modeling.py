@@ -70,8 +70,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
 
-def load_model(cfg: ModelConfig, name_or_path: str | None = None):
-    """A sequence classifier with id2label from the config; `name_or_path` overrides cfg (a saved run)."""
+def load_model(cfg: ModelConfig, name_or_path: str | None = None, warn=None):
+    """A sequence classifier with id2label from the config; `name_or_path` overrides cfg (a saved run). With
+    model.ignore_mismatched_sizes, `warn` hears which weights were initialised anew."""
     source = name_or_path or cfg.name_or_path
     path = resolve_model_path(source)
     check_model_folder(path, cfg.trust_remote_code)
@@ -81,20 +82,38 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None):
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
         trust_remote_code=cfg.trust_remote_code,
+        ignore_mismatched_sizes=cfg.ignore_mismatched_sizes,
+        output_loading_info=True,
     )
     try:
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=cfg.attn_implementation, **kwargs)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, attn_implementation=cfg.attn_implementation, **kwargs)
         except ValueError as e:
             if cfg.attn_implementation == "eager" or "attn" not in str(e).lower():
                 raise
-            model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager", **kwargs)
+            model, info = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager", **kwargs)
     except LOAD_ERRORS as e:
+        if "ignore_mismatched_sizes" in str(e):
+            raise BadInput(f"cannot load model from '{source}': its weights have other shapes than this config asks "
+                           f"(model.num_labels={cfg.num_labels}?); set model.ignore_mismatched_sizes=true to re-head it "
+                           f"(those weights are then initialised anew)") from None
         raise BadInput(f"cannot load model from '{source}': {first_line(e)}") from None
+    mismatched = sorted(name for name, *_ in info.get("mismatched_keys") or ())
+    if mismatched and warn is not None:
+        warn(f"harness: warning: model.ignore_mismatched_sizes: {', '.join(mismatched)} initialised anew "
+             f"(their shapes in '{source}' differ)")
     # What the model's first forward would write into its config (integer labels, at least 2 classes): set here,
     # so that a compiled model's graph is not invalidated by that write after its first step and compiled twice.
     model.config.problem_type = "single_label_classification"
     return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """train.gradient_checkpointing, non-reentrant: DDP's hooks and unused parameters work with it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise BadInput(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_model_config(cfg: ModelConfig):

@@ -18,8 +18,9 @@ from harness.tracking import SyncWatch, compile_report
 
 def fast_dropout(t: TrainConfig, device: torch.device) -> bool:
     """train.cpu_dropout=fast applies: torch's dropout on CPUs draws one Bernoulli number per element, harness's
-    in bulk; compiled graphs and GPU kernels draw their own."""
-    return t.cpu_dropout == "fast" and device.type == "cpu" and not t.compile
+    in bulk; compiled graphs and GPU kernels draw their own, and a checkpointed layer recomputes its forward outside
+    the step's dropout mode (its masks must be torch's, drawn again from the restored RNG state)."""
+    return t.cpu_dropout == "fast" and device.type == "cpu" and not t.compile and not t.gradient_checkpointing
 
 
 class Stepper:

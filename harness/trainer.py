@@ -34,8 +34,8 @@ from harness.export import Exporter, copy_model
 from harness.faults import Faults
 from harness.graphs import check_config as check_graphs_config
 from harness.guards import NonFiniteGuard, StallWatchdog, StopFlag
-from harness.modeling import (check_max_length, check_weight_files, compile_model, flops_per_token, load_model,
-                              load_model_config, load_tokenizer, peak_flops)
+from harness.modeling import (check_max_length, check_weight_files, compile_model, enable_gradient_checkpointing,
+                              flops_per_token, load_model, load_model_config, load_tokenizer, peak_flops)
 from harness.optim import build_optimizer, linear_schedule
 from harness.precision import MasterWeights, bf16_master_weights, precision_in_words
 from harness.run_folder import RunFolder
@@ -174,7 +174,9 @@ def position(cfg: Config, checkpoint, sampler: StepBatchSampler, epoch_size: int
 def build_model(cfg: Config, ctx: RunContext, schedule: Schedule):
     """(model, optimizer, scheduler, master weights or None, dtype probe, FLOPs per token), before `prepare`."""
     t, acc = cfg.train, ctx.accelerator
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, warn=ctx.say)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if cfg.model.unpadded:
         make_unpadded(model)  # before any wrapper: Accelerate's autocast wraps this forward
     model_flops = flops_per_token(model)  # read off the bare model, before any wrapper

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import harness, ok, write_config
+from tests.helpers import harness, losses, ok, write_config
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +219,32 @@ def test_early_stopping_needs_the_metric_it_watches(tmp_path, tiny_model, capsys
     assert main(["train", "--config", str(cfg)]) == 2  # in this process: the config is refused before any work
     assert "train.early_stopping_patience needs train.best_metric" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_on_two_ranks_gives_the_same_losses(tmp_path, tiny_model):
+    """Non-reentrant checkpointing under DDP: each layer's forward is recomputed in the backward from the restored RNG
+    state, so every step's loss (dropout included) equals the run without it. Checkpointing draws dropout with torch
+    (a recomputed forward runs outside harness's dropout mode), so the reference does too."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "plain", data={"train_samples": 48},
+                       train={"max_steps": 6, "log_every": 1, "eval_every": 100, "cpu_dropout": "torch"})
+    plain = ok(harness("train", "--config", str(cfg), procs=2))
+    checkpointed = ok(harness("train", "--config", str(cfg), "train.gradient_checkpointing=true",
+                              f"train.output_dir={tmp_path / 'checkpointed'}", procs=2))
+    for r in (plain, checkpointed):
+        assert "2 process(es) x batch 4" in r.stdout and "dropout drawn by harness" not in r.stdout
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "checkpointed")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(b[s] == pytest.approx(a[s], abs=1e-4) for s in a), (a, b)
+
+
+def test_a_checkpoint_with_another_number_of_labels_is_reheaded_only_when_asked(tmp_path, tiny_model):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run", model={"num_labels": 3, "label_names": None},
+                       train={"max_steps": 2, "eval_every": 100})
+    refused = harness("train", "--config", str(cfg))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "set model.ignore_mismatched_sizes=true to re-head it" in refused.stderr.strip().splitlines()[-1]
+    r = ok(harness("train", "--config", str(cfg), "model.ignore_mismatched_sizes=true", "train.overwrite=true"))
+    assert ("harness: warning: model.ignore_mismatched_sizes: classifier.bias, classifier.weight initialised anew"
+            in r.stdout)
+    assert len(json.loads((tmp_path / "run" / "final" / "config.json").read_text())["id2label"]) == 3
