@@ -320,9 +320,6 @@ class Checkpointer:
         self.global_batch, self.sharded = global_batch, sharded
         self.guard, self.watchdog, self.say, self.faults = guard, watchdog, say, faults
 
-    def newest_good(self) -> Optional[Path]:
-        return latest_checkpoint(self.root)
-
     def maybe_save(self, progress: Progress, epoch_ended: bool = False) -> None:
         """After a step (`epoch_ended`: after the last step of an epoch), if the cadence says so."""
         due = self.save_every == "epoch" if epoch_ended else (

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from transformers import AutoModelForSequenceClassification
 
@@ -27,7 +26,7 @@ from harness.distributed import describe_fsdp, describe_zero, deepspeed_values, 
 from harness.errors import BadInput, first_line
 from harness.graphs import check_config as check_graphs_config
 from harness.modeling import check_max_length, check_weight_files, load_model_config, model_shape, resolve_model_path
-from harness.recipes import read_yaml_file
+from harness.recipes import read_yaml_mapping
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule, flops_upper_bound, training_flops_per_token
 from harness.sources import load_split
@@ -47,14 +46,7 @@ def read_launch_config(path: Optional[str]) -> dict:
     if path is None:
         return {}
     p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"--launch-config file not found: {p}")
-    try:
-        raw = read_yaml_file(p, f"--launch-config {p}") or {}
-    except yaml.YAMLError as e:
-        raise BadInput(f"--launch-config {p} is not valid YAML: {first_line(e)}") from None
-    if not isinstance(raw, dict):
-        raise BadInput(f"--launch-config {p} must be a mapping")
+    raw = read_yaml_mapping(p, "--launch-config file")
     try:  # what `accelerate launch` itself would refuse (unknown keys, bad values), refused here first
         load_config_from_file(str(p))
     except Exception as e:

@@ -16,7 +16,7 @@ from typing import Any, Union
 import yaml
 
 from harness.config import SECTIONS, Config, validate
-from harness.errors import BadInput
+from harness.errors import BadInput, first_line
 
 
 # Bounds on any YAML harness reads (recipes, run folders' config.yaml, launch configs): a file written by hand
@@ -65,21 +65,26 @@ def read_yaml_file(path: Path, what: str):
     return read_yaml(text, what)
 
 
+def read_yaml_mapping(path: Path, what: str, mapping: str = "a mapping") -> dict:
+    """A YAML file that must hold a mapping (a recipe, a launch config), or one BadInput line naming `what`."""
+    if not path.is_file():
+        raise BadInput(f"{what} not found: {path}")
+    try:
+        raw = read_yaml_file(path, f"{what} {path}") or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise BadInput(f"{what} {path} is not valid YAML{at}: {getattr(e, 'problem', None) or first_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise BadInput(f"{what} {path} must be {mapping}")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML recipe (or start from defaults when path is None) and apply `key=value` overrides."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise BadInput(f"config file not found: {path}")
-        try:
-            raw = read_yaml_file(path, f"config file {path}") or {}
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" (line {where.line + 1})" if where is not None else ""
-            raise BadInput(f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-        if not isinstance(raw, dict):
-            raise BadInput(f"config file {path} must be a mapping of sections (model, data, train)")
+        raw = read_yaml_mapping(Path(path), "config file", "a mapping of sections (model, data, train)")
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)

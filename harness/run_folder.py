@@ -70,7 +70,6 @@ class RunFolder:
         self.lock = self.root / "run.lock"
         self.stop_reason = self.root / "stop_reason.txt"
         self.launches = self.root / "launches.jsonl"
-        self.old_launches = self.root / "sessions.jsonl"  # the log's name in harness 0.1
 
     def check_usable(self) -> None:
         """Refuse what can never be a run folder: a file, the filesystem root, the home folder, harness's checkout."""
