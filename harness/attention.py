@@ -10,13 +10,16 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from harness.errors import BadInput
+from harness.config import ModelConfig
+from harness.families import Family, check_choices, family_of, mask_setting
 
 
-def mask_format(configured: str, device: torch.device, no_host_check: bool) -> str:
-    """model.attention_mask resolved for this run: `auto` is 4d on GPUs (transformers' check of a 2D mask is a
+def mask_format(configured: str, family: Family, device: torch.device, no_host_check: bool) -> str:
+    """model.attention_mask resolved for this run: the model's own 2D mask for families that handle their own
+    (families.mask_setting); else `auto` is 4d on GPUs (transformers' check of a 2D mask is a
     host sync in every forward) and where `no_host_check` (layers compiled apart, steps captured as CUDA graphs:
     a host check would give a batch without padding no mask and a second graph), 2d elsewhere."""
+    configured = mask_setting(configured, family)
     if configured != "auto":
         return configured
     return "4d" if device.type == "cuda" or no_host_check else "2d"
@@ -116,25 +119,32 @@ _packed_attention_eagerly = torch.compiler.disable(packed_attention)  # compiled
 def make_unpadded(model: nn.Module) -> None:
     """model.unpadded: the classifier computes on real tokens only. Batches carry, beside the padded `input_ids`,
     `token_index` (where the real tokens are in the flattened batch) and `offsets` (Collator(unpadded=True));
-    the forward gathers the real tokens into one packed row (positions restart at 0 in every example), runs
-    transformers' own embeddings and layers on it with `unpadded_attention`, and classifies each example's first
-    token. No padding is computed, and no mask: the gathers are on the device, with no host synchronisation.
-    The modules and weights are the model's own, so checkpoints and exports are unchanged."""
-    if model.config.model_type != "bert" or not hasattr(model, "bert"):
-        raise BadInput(f"model.unpadded supports BERT-architecture classifiers (model_type bert), "
-                       f"not {model.config.model_type}: set model.unpadded=false")
+    the forward gathers the real tokens into one packed row (positions restart in every example, after the pad id
+    where the family's do), runs transformers' own embeddings and layers on it with `unpadded_attention`, and
+    classifies each example's first token as the model's own head does. No padding is computed, and no mask: the
+    gathers are on the device, with no host synchronisation. The modules and weights are the model's own, so
+    checkpoints and exports are unchanged."""
+    family = family_of(model.config)
+    check_choices(ModelConfig(unpadded=True), family)
     AttentionInterface.register(UNPADDED, unpadded_attention)
     model.config._attn_implementation = UNPADDED  # what the layers look up; the forward below builds no mask
+    first_position = model.config.pad_token_id + 1 if family.positions_after_pad else 0
+    model.forward = MethodType(functools.partial(_unpadded_forward, base=family.base, pooler=family.pooler,
+                                                 first_position=first_position), model)
 
-    def forward(self, input_ids, token_index, offsets, token_type_ids=None, **ignored):
-        width = input_ids.shape[1]  # the batch's longest example: the collator pads to it exactly
-        ids = input_ids.flatten()[token_index][None]
-        positions = (token_index % width)[None]
-        types = token_type_ids.flatten()[token_index][None] if token_type_ids is not None else torch.zeros_like(ids)
-        hidden = self.bert.embeddings(input_ids=ids, token_type_ids=types, position_ids=positions)
-        hidden = self.bert.encoder(hidden, offsets=offsets, max_seqlen=width).last_hidden_state
-        pooled = self.bert.pooler(hidden[0, offsets[:-1]][:, None])  # each example's first token ([CLS])
-        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
 
-    model.forward = MethodType(forward, model)
-
+def _unpadded_forward(self, input_ids, token_index, offsets, token_type_ids=None, *, base: str, pooler: bool,
+                      first_position: int, **ignored):
+    encoder = getattr(self, base)
+    width = input_ids.shape[1]  # the batch's longest example: the collator pads to it exactly
+    ids = input_ids.flatten()[token_index][None]
+    positions = (token_index % width)[None] + first_position
+    types = token_type_ids.flatten()[token_index][None] if token_type_ids is not None else torch.zeros_like(ids)
+    hidden = encoder.embeddings(input_ids=ids, token_type_ids=types, position_ids=positions)
+    if hasattr(encoder, "embeddings_project"):  # ELECTRA with embeddings narrower than its layers
+        hidden = encoder.embeddings_project(hidden)
+    hidden = encoder.encoder(hidden, offsets=offsets, max_seqlen=width).last_hidden_state
+    first = hidden[0, offsets[:-1]][:, None]  # each example's first token ([CLS], <s>)
+    if pooler:
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(encoder.pooler(first))))
+    return SequenceClassifierOutput(logits=self.classifier(first))  # a head that reads the first token itself

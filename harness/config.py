@@ -32,12 +32,18 @@ class ModelConfig:
     attention_mask: str = "auto"
     """`4d`: harness hands SDPA a ready (batch, 1, 1, length) boolean mask, so the model never inspects the padding
     on the host (a GPU synchronisation in every forward); `2d`: the plain padding mask, as transformers expects;
-    `auto`: 4d on GPUs, with train.compile_scope=layers and with CUDA graphs, 2d elsewhere on CPUs."""
+    `auto`: 4d on GPUs, with train.compile_scope=layers and with CUDA graphs, 2d elsewhere on CPUs. Only plain
+    bidirectional encoders (BERT, RoBERTa, XLM-R, ELECTRA, ALBERT, DistilBERT) take 4d: decoders, ModernBERT's
+    local windows and unknown architectures keep their own mask handling (`auto` is 2d there, `4d` refused)."""
     unpadded: bool = False
     """Compute on real tokens only: each batch's examples are packed into one row on the device and attention runs
     per example (FlashAttention's variable-length kernel on GPUs in bf16, nested tensors on other GPUs, a loop of
-    SDPA calls on CPUs). The same outputs, checkpoints and exports as the padded model. BERT-architecture models;
-    not with CUDA graphs (the packed length changes with every batch)."""
+    SDPA calls on CPUs). The same outputs, checkpoints and exports as the padded model. BERT, RoBERTa, XLM-R and
+    ELECTRA classifiers; not with CUDA graphs (the packed length changes with every batch)."""
+    pad_token: Optional[str] = None
+    """The token batches are padded with (a token of the tokenizer's vocabulary); null: the tokenizer's pad token,
+    else its end-of-sequence token (decoders such as GPT-2 and Llama ship none). The saved model and tokenizer
+    name it, so the classifier pools the last real token."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model (off unless you turn it on)."""
     ignore_mismatched_sizes: bool = False

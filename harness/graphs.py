@@ -87,14 +87,15 @@ def launch_clash(num_processes: int, sharded: Optional[str], attn: str, mask_set
     return None
 
 
-def backend_for(cfg: Config, device: torch.device, num_processes: int, sharded: Optional[str], attn: str,
+def backend_for(cfg: Config, device: torch.device, num_processes: int, sharded: Optional[str], attn: str, mask: str,
                 say) -> Callable[[], object] | None:
-    """train.cuda_graphs decided for this run: a factory of graphs, or None for eager steps. `true` refuses (exit 2)
+    """train.cuda_graphs decided for this run: a factory of graphs, or None for eager steps; `mask` is
+    model.attention_mask as this model's family takes it (families.mask_setting). `true` refuses (exit 2)
     a launch where graphs cannot be; `auto` runs eagerly there, saying why on a GPU, and silently on CPUs."""
     t = cfg.train
     if t.cuda_graphs is False:
         return None
-    launch = launch_clash(num_processes, sharded, attn, cfg.model.attention_mask)
+    launch = launch_clash(num_processes, sharded, attn, mask)
     if launch and t.cuda_graphs is True:
         raise BadInput(launch[1])
     new_graph = graph_backend(device)

@@ -76,7 +76,8 @@ def _evaluate(model_dir: Path, cfg: Config, output: Path, accelerator, trust_rem
     num_labels = model.config.num_labels
     names = [model.config.id2label[i] for i in range(num_labels)]
     texts, loader = _scored_split(cfg, tokenizer, accelerator, num_labels)
-    model, loader = accelerator.prepare(model, loader)
+    # no DDP wrapper (nothing is trained): its process-group teardown at exit can deadlock a rank after the results
+    model, loader = accelerator.prepare_model(model, evaluation_mode=True), accelerator.prepare_data_loader(loader)
     details: dict = {}
     metrics = evaluate(model, loader, accelerator, num_labels, details=details)
     metrics["per_class"] = per_class(details["pred"], details["label"], names)

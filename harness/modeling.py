@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from harness.config import ModelConfig
 from harness.errors import BadInput, first_line
+from harness.families import Family, check_choices, family_of, pad_token
 from harness.safeload import check_pickles
 from harness.schedule import training_flops_per_token
 
@@ -70,9 +71,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
 
-def load_model(cfg: ModelConfig, name_or_path: str | None = None, warn=None):
+def load_model(cfg: ModelConfig, name_or_path: str | None = None, warn=None, pad_token_id: int | None = None):
     """A sequence classifier with id2label from the config; `name_or_path` overrides cfg (a saved run). With
-    model.ignore_mismatched_sizes, `warn` hears which weights were initialised anew."""
+    model.ignore_mismatched_sizes, `warn` hears which weights were initialised anew. `pad_token_id` (what the
+    batches are padded with) is written to the model's config: decoders pool the last token that is not it."""
     source = name_or_path or cfg.name_or_path
     path = resolve_model_path(source)
     check_model_folder(path, cfg.trust_remote_code)
@@ -84,6 +86,7 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None, warn=None):
         trust_remote_code=cfg.trust_remote_code,
         ignore_mismatched_sizes=cfg.ignore_mismatched_sizes,
         output_loading_info=True,
+        **({} if pad_token_id is None else {"pad_token_id": pad_token_id}),
     )
     try:
         try:
@@ -126,6 +129,17 @@ def load_model_config(cfg: ModelConfig):
         raise BadInput(f"cannot load model from '{cfg.name_or_path}': {first_line(e)}") from None
 
 
+def check_model(m: ModelConfig, max_length: int, tokenizer=None, model_config=None) -> Family:
+    """What the model's files say against the config, before any data is tokenized (train, plan): what its family
+    cannot do, a data.max_length it cannot take, weight files cut short. Returns its family."""
+    model_config = model_config or load_model_config(m)
+    family = family_of(model_config)
+    check_choices(m, family)
+    check_max_length(max_length, model_config, tokenizer)
+    check_weight_files(m)
+    return family
+
+
 def check_weight_files(cfg: ModelConfig) -> None:
     """Refuse a local model whose safetensors files are cut short or corrupt, from their headers alone (a header
     names every tensor's byte range, and a file that does not cover them fails to open): before the data is
@@ -139,12 +153,6 @@ def check_weight_files(cfg: ModelConfig) -> None:
             raise BadInput(f"cannot load model from '{cfg.name_or_path}': {path.name}: {first_line(e)}") from None
 
 
-# Families whose position ids start after the pad id (RoBERTa's padding_idx + 1): max_position_embeddings counts
-# pad_token_id + 1 positions no token takes.
-POSITIONS_AFTER_PAD = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
-                       "mpnet", "ibert"}
-
-
 def model_length_limit(model_config, tokenizer=None) -> tuple[int, str] | None:
     """The longest input the model takes and where that limit comes from (its position embeddings, less those
     its family never uses, or its tokenizer's model_max_length where that is set), or None where neither says."""
@@ -152,7 +160,7 @@ def model_length_limit(model_config, tokenizer=None) -> tuple[int, str] | None:
     positions = getattr(model_config, "max_position_embeddings", None)
     if isinstance(positions, int):
         pad = getattr(model_config, "pad_token_id", None)
-        if getattr(model_config, "model_type", None) in POSITIONS_AFTER_PAD and isinstance(pad, int):
+        if family_of(model_config).positions_after_pad and isinstance(pad, int):
             limits[f"its max_position_embeddings less {pad + 1} (positions start after its pad id)"] = positions - pad - 1
         else:
             limits["its max_position_embeddings"] = positions
@@ -212,6 +220,10 @@ def load_trained(model_dir: str | Path, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True, trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as e:
         raise BadInput(f"cannot load model from {model_dir}: {first_line(e)}") from None
+    if tokenizer.pad_token is None:  # a decoder's classifier from elsewhere: padded as training would pad it
+        pad_token(tokenizer, None)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     ids = sorted(model.config.id2label, key=str)
     if ids != sorted(range(model.config.num_labels), key=str):
         raise BadInput(f"{model_dir}/config.json: id2label must name the labels 0 to {model.config.num_labels - 1} "

@@ -25,7 +25,8 @@ from harness.config import Config
 from harness.distributed import describe_fsdp, describe_zero, deepspeed_values, fill_deepspeed, read_deepspeed_json
 from harness.errors import BadInput, first_line
 from harness.graphs import check_config as check_graphs_config
-from harness.modeling import check_max_length, check_weight_files, load_model_config, model_shape, resolve_model_path
+from harness.families import mask_setting, pad_token
+from harness.modeling import check_model, load_model_config, load_tokenizer, model_shape, resolve_model_path
 from harness.recipes import read_yaml_mapping
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule, flops_upper_bound, training_flops_per_token
@@ -113,24 +114,30 @@ def split_size(cfg: Config, split: str, requested: Optional[int]) -> tuple[int, 
     return n, str(n)
 
 
-def model_shape_offline(cfg: Config) -> Optional[tuple[int, int, int, int]]:
-    """harness.modeling.model_shape of the configured model, built on the meta device (no weights), or None
-    where a hub model's config cannot be read here (offline, no cache). Refuses a local model folder whose config
-    cannot be read, weight files cut short and a data.max_length the model cannot take."""
+def model_offline(cfg: Config) -> tuple[Optional[dict], Optional[tuple[int, int, int, int]]]:
+    """(the model's family and choices, harness.modeling.model_shape built on the meta device), each None where a
+    hub model's config cannot be read here (offline, no cache). Refuses a local model folder whose config cannot be
+    read, what its family cannot do, a tokenizer with nothing to pad with, weight files cut short and a
+    data.max_length the model cannot take."""
+    local = Path(resolve_model_path(cfg.model.name_or_path)).is_dir()
     try:
         mc = load_model_config(cfg.model)
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     except BadInput:
-        if Path(resolve_model_path(cfg.model.name_or_path)).is_dir():
+        if local:
             raise  # a local model folder that cannot be read: the job would stop on it too
-        return None  # a hub id, offline without a cached config: the estimate is optional
-    check_max_length(cfg.data.max_length, mc)
-    check_weight_files(cfg.model)
+        return None, None  # a hub id, offline without a cached config: the estimate is optional
+    padding = pad_token(tokenizer, cfg.model.pad_token) or f"padding with {tokenizer.pad_token!r}"
+    family = check_model(cfg.model, cfg.data.max_length, tokenizer, mc)
+    mask = mask_setting(cfg.model.attention_mask, family)
+    about = {"family": family.name, "pooling": family.pooling, "padding": padding,
+             "attention_mask": f"{mask}" if mask == cfg.model.attention_mask else f"{mask} (its own mask handling)"}
     try:
         with torch.device("meta"):
-            return model_shape(AutoModelForSequenceClassification.from_config(
+            return about, model_shape(AutoModelForSequenceClassification.from_config(
                 mc, trust_remote_code=cfg.model.trust_remote_code))
     except Exception:  # a config that transformers cannot build here: the estimate is optional
-        return None
+        return about, None
 
 
 def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] = None,
@@ -156,7 +163,7 @@ def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] 
     start, checkpoint = folder.decide(cfg)
 
     flops = None
-    shape = model_shape_offline(cfg)
+    about, shape = model_offline(cfg)
     if shape is not None:
         params, non_embedding, layers, hidden = shape
         per_token = training_flops_per_token(non_embedding, layers, hidden, d.max_length)
@@ -168,7 +175,7 @@ def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] 
         "world": world, "global_batch": schedule.global_batch, "train_examples": train_text, "eval_examples": eval_text,
         "steps_per_epoch": schedule.steps_per_epoch, "total_steps": schedule.total_steps,
         "epochs": schedule.total_steps / schedule.steps_per_epoch, "warmup": schedule.warmup, "deepspeed": ds_resolved, "flops": flops, "start": start, "checkpoint": checkpoint,
-        "lock": folder.lock_status(),
+        "lock": folder.lock_status(), "model": about,
     }
 
 
@@ -191,6 +198,10 @@ def describe(cfg: Config, p: dict) -> str:
         f"output          {t.output_dir}: {start}",
         f"lock            {p['lock']}",
     ]
+    if p["model"]:
+        m = p["model"]
+        lines.append(f"family          {m['family']}: pools {m['pooling']}; attention mask {m['attention_mask']}; "
+                     f"{m['padding']}")
     if p["flops"]:
         f = p["flops"]
         lines.append(f"model           {f['parameters'] / 1e6:.1f}M parameters ({f['non_embedding_parameters'] / 1e6:.1f}M non-embedding)")

@@ -12,6 +12,7 @@ from harness.attention import attention_mask_for, mask_format
 from harness.config import Config, TrainConfig
 from harness.data import model_inputs
 from harness.dropout import FastCpuDropout
+from harness.families import family_of, mask_setting
 from harness.graphs import StepGraphs, backend_for
 from harness.tracking import SyncWatch, compile_report
 
@@ -38,12 +39,14 @@ class Stepper:
         self.attn = accelerator.unwrap_model(model).config._attn_implementation
         device = accelerator.device
         self.dropout_mode = FastCpuDropout() if fast_dropout(t, device) else contextlib.nullcontext()
-        new_graph = backend_for(cfg, device, accelerator.num_processes, sharded, self.attn, say)
+        family = family_of(accelerator.unwrap_model(model).config)
+        new_graph = backend_for(cfg, device, accelerator.num_processes, sharded, self.attn,
+                                mask_setting(cfg.model.attention_mask, family), say)
         self.graphs = None if new_graph is None else StepGraphs(
             self.micro_step, optimizer, device, new_graph, self._reset, say, quiet=self.watch.paused)
         # layers compiled apart and captured steps need the same mask for every batch (no host check inside)
         layers_compiled = t.compile and t.compile_scope == "layers"
-        self.mask = mask_format(cfg.model.attention_mask, device, layers_compiled or self.graphs is not None)
+        self.mask = mask_format(cfg.model.attention_mask, family, device, layers_compiled or self.graphs is not None)
         self.current, self.grad_norm = 0, None
 
     def step(self, micro_batches: list[dict], step: int) -> None:

@@ -34,8 +34,9 @@ from harness.export import Exporter, copy_model
 from harness.faults import Faults
 from harness.graphs import check_config as check_graphs_config
 from harness.guards import NonFiniteGuard, StallWatchdog, StopFlag
-from harness.modeling import (check_max_length, check_weight_files, compile_model, enable_gradient_checkpointing,
-                              flops_per_token, load_model, load_model_config, load_tokenizer, peak_flops)
+from harness.families import pad_token
+from harness.modeling import (check_model, compile_model, enable_gradient_checkpointing, flops_per_token, load_model,
+                              load_tokenizer, peak_flops)
 from harness.optim import build_optimizer, linear_schedule
 from harness.precision import MasterWeights, bf16_master_weights, precision_in_words
 from harness.run_folder import RunFolder
@@ -131,12 +132,13 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
         run.begin(cfg, fresh=start == "fresh")
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    # what the model's files say against the config, before the tokenizing (the weights load after it)
-    check_max_length(cfg.data.max_length, load_model_config(cfg.model), tokenizer)
-    check_weight_files(cfg.model)
+    padding = pad_token(tokenizer, cfg.model.pad_token)
+    if padding:
+        ctx.say(padding)
+    check_model(cfg.model, cfg.data.max_length, tokenizer)  # before the tokenizing; the weights load after it
     train_ds, eval_ds, sampler, train_dl, eval_dl = training_data(cfg, tokenizer, acc)
     state, schedule = position(cfg, checkpoint, sampler, len(train_ds), acc.num_processes)
-    model, optimizer, scheduler, masters, probe, model_flops = build_model(cfg, ctx, schedule)
+    model, optimizer, scheduler, masters, probe, model_flops = build_model(cfg, ctx, schedule, tokenizer.pad_token_id)
     model, optimizer, scheduler, eval_dl = acc.prepare(model, optimizer, scheduler, eval_dl)
     record_deepspeed_config(acc, run.deepspeed_config)
     if checkpoint:
@@ -171,10 +173,10 @@ def position(cfg: Config, checkpoint, sampler: StepBatchSampler, epoch_size: int
     return state, Schedule.of(cfg.train, epoch_size, world_size, state.step, state.epoch, state.position)
 
 
-def build_model(cfg: Config, ctx: RunContext, schedule: Schedule):
+def build_model(cfg: Config, ctx: RunContext, schedule: Schedule, pad_token_id: int):
     """(model, optimizer, scheduler, master weights or None, dtype probe, FLOPs per token), before `prepare`."""
     t, acc = cfg.train, ctx.accelerator
-    model = load_model(cfg.model, warn=ctx.say)
+    model = load_model(cfg.model, warn=ctx.say, pad_token_id=pad_token_id)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.model.unpadded:

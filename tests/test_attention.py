@@ -8,11 +8,13 @@ import re
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from harness.config import ModelConfig
 from harness.data import Collator
 from harness.errors import BadInput
 from harness.attention import attention_mask_for, make_unpadded, mask_format
+from harness.families import FAMILIES, family_of
 from harness.modeling import load_model
 from tests.helpers import dropout_free, harness, losses, ok, write_config
 
@@ -90,14 +92,6 @@ def test_packed_outputs_and_gradients_match_the_padded_model(tiny_model, pairs, 
         ref, out = eager(**inputs).logits.float(), packed_model(**packed_inputs).logits.float()
     assert out.dtype == torch.float32 and torch.allclose(ref, out, atol=2e-2), (ref, out)
     assert not torch.equal(ref, a)  # the bf16 comparison really ran in bf16
-
-
-def test_only_bert_architectures_are_packed(tiny_model):
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
-
-    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
-    with pytest.raises(BadInput, match="model.unpadded supports BERT-architecture classifiers .* not distilbert"):
-        make_unpadded(model)
 
 
 def test_an_unpadded_run_on_two_ranks_trains_like_the_padded_one_and_exports_a_plain_model(tmp_path, tiny_model):
@@ -266,8 +260,11 @@ def test_the_4d_sdpa_mask_gives_the_2d_masks_outputs_and_matches_eager_attention
 
 
 def test_auto_mask_is_4d_on_gpus_and_wherever_a_host_check_would_break_a_graph():
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert mask_format("auto", cpu, no_host_check=False) == "2d"
-    assert mask_format("auto", cpu, no_host_check=True) == "4d"  # layers compiled apart, steps as CUDA graphs
-    assert mask_format("auto", gpu, no_host_check=False) == "4d"
-    assert mask_format("2d", gpu, no_host_check=True) == "2d" and mask_format("4d", cpu, no_host_check=False) == "4d"
+    """For plain encoders; a family that handles its own mask (a causal decoder, local windows) keeps its 2D mask."""
+    cpu, gpu, bert = torch.device("cpu"), torch.device("cuda"), FAMILIES["bert"]
+    assert mask_format("auto", bert, cpu, no_host_check=False) == "2d"
+    assert mask_format("auto", bert, cpu, no_host_check=True) == "4d"  # layers compiled apart, steps as CUDA graphs
+    assert mask_format("auto", bert, gpu, no_host_check=False) == "4d"
+    assert mask_format("2d", bert, gpu, no_host_check=True) == "2d" and mask_format("4d", bert, cpu, no_host_check=False) == "4d"
+    for own in (FAMILIES["modernbert"], family_of(LlamaConfig())):
+        assert mask_format("auto", own, gpu, no_host_check=True) == "2d"

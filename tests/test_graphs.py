@@ -310,9 +310,9 @@ def test_auto_steps_eagerly_on_several_processes_where_true_is_refused(monkeypat
         cfg = load_config(None, [f"train.cuda_graphs={str(value).lower()}"])
         if value is True:
             with pytest.raises(BadInput, match="train.cuda_graphs runs one process without DeepSpeed or FSDP"):
-                graphs.backend_for(cfg, torch.device("cuda"), 2, None, "sdpa", said.append)
+                graphs.backend_for(cfg, torch.device("cuda"), 2, None, "sdpa", "auto", said.append)
         else:
-            assert graphs.backend_for(cfg, torch.device("cuda"), 2, None, "sdpa", said.append) is None
+            assert graphs.backend_for(cfg, torch.device("cuda"), 2, None, "sdpa", "auto", said.append) is None
     assert said == ["train.cuda_graphs=auto: the steps run eagerly (2 processes: graphs of whole steps are for one "
                     "process without DeepSpeed or FSDP)"]
 
