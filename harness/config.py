@@ -28,7 +28,9 @@ class ModelConfig:
     """Names written to the saved model's id2label (default LABEL_0, LABEL_1, ...); string labels in the data are
     mapped to ids through them."""
     attn_implementation: str = "sdpa"
-    """`sdpa` or `eager`; falls back to eager for models without SDPA support."""
+    """`sdpa` or `eager` (the run says when a model without SDPA support falls back to eager), or
+    `flash_attention_2` on CUDA GPUs with the flash-attn package: the model's own padding-free path where it has one
+    (ModernBERT removes the padding inside; decoders pass lengths to FlashAttention)."""
     attention_mask: str = "auto"
     """`4d`: harness hands SDPA a ready (batch, 1, 1, length) boolean mask, so the model never inspects the padding
     on the host (a GPU synchronisation in every forward); `2d`: the plain padding mask, as transformers expects;
@@ -197,7 +199,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 # Keys with a fixed set of values, as the messages name them.
 CHOICES = {
-    "model.attn_implementation": ("sdpa", "eager"), "model.attention_mask": ("auto", "4d", "2d"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"), "model.attention_mask": ("auto", "4d", "2d"),
     "data.truncation": ("head", "head_tail"), "train.bf16_mode": ("auto", "autocast", "master_weights"),
     "train.cpu_dropout": ("fast", "torch"), "train.compile_scope": ("model", "layers"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import is_flash_attn_2_available
 
 from harness.config import ModelConfig
 from harness.errors import BadInput, first_line
@@ -96,6 +97,8 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None, warn=None, pad
             if cfg.attn_implementation == "eager" or "attn" not in str(e).lower():
                 raise
             model, info = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager", **kwargs)
+            if warn is not None:
+                warn(f"harness: {model.config.model_type} has no {cfg.attn_implementation} attention: it runs eager attention")
     except LOAD_ERRORS as e:
         if "ignore_mismatched_sizes" in str(e):
             raise BadInput(f"cannot load model from '{source}': its weights have other shapes than this config asks "
@@ -132,6 +135,9 @@ def load_model_config(cfg: ModelConfig):
 def check_model(m: ModelConfig, max_length: int, tokenizer=None, model_config=None) -> Family:
     """What the model's files say against the config, before any data is tokenized (train, plan): what its family
     cannot do, a data.max_length it cannot take, weight files cut short. Returns its family."""
+    if m.attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
+        raise BadInput("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                       "(pip install flash-attn); without them use sdpa")
     model_config = model_config or load_model_config(m)
     family = family_of(model_config)
     check_choices(m, family)

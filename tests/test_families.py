@@ -121,3 +121,19 @@ def test_plan_names_the_family_and_refuses_what_it_cannot_do(folders, tmp_path):
 def OVERRIDES(cfg) -> list[str]:
     return [f"{s}.{k}={v}" for s, section in cfg.to_dict().items() for k, v in section.items()
             if k in ("name_or_path", "dataset", "max_length", "output_dir")]
+
+
+def test_flash_attention_without_its_kernel_is_one_line_and_a_fallback_to_eager_is_said(folders, tmp_path):
+    """CPUs (and GPUs without the flash-attn package) have no FlashAttention 2: refused before any data is read.
+    DeBERTa has no SDPA attention: the run says it runs eager attention."""
+    from harness.modeling import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("FlashAttention 2 is available here")
+    cfg = load_config(None, [f"model.name_or_path={folders['modernbert']}", "data.dataset=synthetic",
+                             "model.attn_implementation=flash_attention_2", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(BadInput, match="flash_attention_2 needs a CUDA GPU and the flash-attn package"):
+        plan(cfg)
+    said = []
+    assert load_model(ModelConfig(name_or_path=str(folders["deberta-v2"])), warn=said.append).config._attn_implementation == "eager"
+    assert said == ["harness: deberta-v2 has no sdpa attention: it runs eager attention"]
