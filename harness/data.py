@@ -42,9 +42,14 @@ def stratified_indices(labels: list[int], n: int, seed: int) -> list[int]:
 
 
 def subset(ds: Dataset, n: Optional[int], label_column: str, seed: int) -> Dataset:
+    """n examples, stratified by class where the labels are class ids, else (multi-label rows, regression
+    targets) a seeded random n."""
     if n is None or n >= len(ds):
         return ds
-    return ds.select(stratified_indices(ds[label_column], n, seed))
+    labels = ds[label_column]
+    if all(isinstance(v, int) for v in labels):
+        return ds.select(stratified_indices(labels, n, seed))
+    return ds.select(sorted(np.random.default_rng(seed).choice(len(ds), size=n, replace=False).tolist()))
 
 
 ROW = "__harness_row"  # the example's row in its split, before any subset: the `id` of harness evaluate's predictions
@@ -107,10 +112,10 @@ def _tokenize_pairs(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
 
 
 def build_split(cfg: DataConfig, split: str, tokenizer, n: Optional[int], seed: int, label_names, num_labels: int,
-                keep_text: bool = False) -> Dataset:
+                keep_text: bool = False, kind: str = "single_label") -> Dataset:
     """One split, validated, subset and tokenized; each example keeps its row in the split (`row`), and with
     `keep_text` its text's first 200 characters (`text`), for error analysis."""
-    ds = load_split(cfg, split, label_names, num_labels)
+    ds = load_split(cfg, split, label_names, num_labels, kind)
     ds = ds.add_column(ROW, list(range(len(ds))))
     ds = subset(ds, n, cfg.label_column, seed)
     tokenized = tokenize(ds, tokenizer, cfg)
@@ -170,7 +175,9 @@ class Collator:
             n = len(e["input_ids"])
             ids[i, :n] = torch.as_tensor(e["input_ids"])
             mask[i, :n] = 1
-        labels = torch.as_tensor([e["labels"] for e in examples], dtype=torch.long)
+        # class ids as int64; multi-label 0/1 rows and regression targets as float32
+        labels = torch.tensor([e["labels"] for e in examples])
+        labels = labels.long() if not labels.is_floating_point() else labels.float()
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if "token_type_ids" in examples[0]:  # sentence pairs: segment ids, padded with 0
             segments = torch.zeros((len(examples), width), dtype=torch.long)
@@ -256,8 +263,10 @@ def training_data(cfg, tokenizer, accelerator):
     """
     t, d, m = cfg.train, cfg.data, cfg.model
     with accelerator.local_main_process_first():
-        train_ds = build_split(d, d.train_split, tokenizer, d.train_samples, t.seed, m.label_names, m.num_labels)
-        eval_ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, t.seed, m.label_names, m.num_labels)
+        train_ds = build_split(d, d.train_split, tokenizer, d.train_samples, t.seed, m.label_names, m.num_labels,
+                               kind=m.problem_type)
+        eval_ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, t.seed, m.label_names, m.num_labels,
+                              kind=m.problem_type)
     # Each new padded length costs attention plans and compiled graphs on GPUs: few lengths there.
     multiple = pad_multiple(d.pad_multiple, t.compile, accelerator.device.type == "cuda")
     collate = Collator(pad_token_id(tokenizer), multiple, max_length=d.max_length, unpadded=m.unpadded)

@@ -1,78 +1,48 @@
 """Evaluation on every rank, with the same exact metrics on every rank, and when a run evaluates and keeps its best.
 
-Predictions are gathered with `gather_for_metrics`, which drops the examples Accelerate repeats to even
+Outputs are gathered with `gather_for_metrics`, which drops the examples Accelerate repeats to even
 out the last batch, so `num_examples` equals the eval set's size for any number of processes.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from harness.checkpoint import Progress
 from harness.config import METRICS, TrainConfig
 from harness.data import model_inputs
+from harness.tasks import Task
 
 DETAILS = ("row", "length", "full_length")  # what a batch must carry (Collator extras) for `details`
 
 
 @torch.no_grad()
-def evaluate(model, dataloader: DataLoader, accelerator, num_labels: int, on_batch=lambda: None,
+def evaluate(model, dataloader: DataLoader, accelerator, task: Task, on_batch=lambda: None,
              details: dict | None = None) -> dict:
-    """Metrics over the whole eval set, the same on every rank. `on_batch` is called before every batch (the
-    stall watchdog's beat). With `details` (a dict to fill; the batches must carry DETAILS), every example's
-    row, probabilities and token counts are gathered too, each example once: `details` gets tensors
-    `row`, `label`, `pred`, `probs`, `length`, `full_length`, ordered by row."""
+    """The task's metrics over the whole eval set, the same on every rank. `on_batch` is called before every
+    batch (the stall watchdog's beat). With `details` (a dict to fill; the batches must carry DETAILS), every
+    example's row and token counts are kept too, each example once: `details` gets tensors `row`, `label`,
+    `outputs` (probabilities, or values for regression), `length`, `full_length`, ordered by row."""
     was_training = model.training
     model.eval()
-    preds, labels, losses, extra = [], [], [], {k: [] for k in ("probs", *DETAILS)}
+    gathered = {k: [] for k in ("outputs", "label", "loss", *(DETAILS if details is not None else ()))}
     for batch in dataloader:
         on_batch()
-        logits = model(**model_inputs(batch)).logits.float()
-        loss = F.cross_entropy(logits, batch["labels"], reduction="none")
-        p, y, l = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
-        preds.append(p.cpu())
-        labels.append(y.cpu())
-        losses.append(l.cpu())
-        if details is not None:
-            gathered = accelerator.gather_for_metrics((logits.softmax(-1), *(batch[k] for k in DETAILS)))
-            for key, value in zip(extra, gathered):
-                extra[key].append(value.cpu())
+        logits = model(**model_inputs(batch)).logits
+        values = (task.outputs(logits), batch["labels"], task.loss(logits, batch["labels"], reduction="none"),
+                  *(batch[k] for k in DETAILS if details is not None))
+        for key, value in zip(gathered, accelerator.gather_for_metrics(values)):
+            gathered[key].append(value.cpu())
     if was_training:
         model.train()
-    preds, labels, losses = torch.cat(preds), torch.cat(labels), torch.cat(losses)
+    cols = {k: torch.cat(v) for k, v in gathered.items()}
+    metrics = task.metrics(cols["outputs"], cols["label"], cols["loss"])
     if details is not None:
-        cols = {k: torch.cat(v) for k, v in extra.items()}
         order = torch.argsort(cols["row"])
-        details.update({"label": labels[order], "pred": preds[order], **{k: v[order] for k, v in cols.items()}})
-    return classification_metrics(preds, labels, losses, num_labels)
-
-
-def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor, num_labels: int) -> dict:
-    """Accuracy, macro precision/recall/F1 (a class never predicted or never present scores 0), mean loss."""
-    n = labels.numel()
-    classes = per_class(preds, labels, [str(c) for c in range(num_labels)]).values()
-    return {
-        "accuracy": (preds == labels).sum().item() / n,
-        "f1": sum(c["f1"] for c in classes) / num_labels,
-        "precision": sum(c["precision"] for c in classes) / num_labels,
-        "recall": sum(c["recall"] for c in classes) / num_labels,
-        "loss": losses.double().mean().item(),
-        "num_examples": n,
-    }
-
-
-def per_class(preds: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:
-    """{label name: precision, recall, f1, support} for every class."""
-    report = {}
-    for c, name in enumerate(names):
-        tp = int(((preds == c) & (labels == c)).sum())
-        predicted, actual = int((preds == c).sum()), int((labels == c).sum())
-        p = tp / predicted if predicted else 0.0
-        r = tp / actual if actual else 0.0
-        report[name] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": actual}
-    return report
+        details.update({k: v[order] for k, v in cols.items() if k != "loss"})
+        details["pred"] = task.decide(details["outputs"], metrics.get("threshold"))
+    return metrics
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:
@@ -86,9 +56,9 @@ class Evaluator:
     """When a run evaluates (train.eval_every, and at the end), what it keeps (best/, by train.best_metric) and
     when it stops early (train.early_stopping_*). The metrics are the same on every rank: so is every decision."""
 
-    def __init__(self, t: TrainConfig, num_labels: int, accelerator, model, loader, log, exporter, best_dir, guard,
+    def __init__(self, t: TrainConfig, task: Task, accelerator, model, loader, log, exporter, best_dir, guard,
                  watchdog, say):
-        self.t, self.num_labels, self.accelerator, self.model, self.loader = t, num_labels, accelerator, model, loader
+        self.t, self.task, self.accelerator, self.model, self.loader = t, task, accelerator, model, loader
         self.log, self.exporter, self.best_dir, self.guard, self.watchdog, self.say = (
             log, exporter, best_dir, guard, watchdog, say)
         self.last_step, self.metrics = -1, {}
@@ -111,7 +81,7 @@ class Evaluator:
         # a compiled model evaluates eagerly: a second (no-grad) graph per padded length would cost compile time
         # (and CUDA-graph memory) for batches at which the GPU is busy anyway
         with torch.compiler.set_stance("force_eager" if self.t.compile else "default"):
-            metrics = evaluate(self.model, self.loader, self.accelerator, self.num_labels, on_batch=self.watchdog.beat)
+            metrics = evaluate(self.model, self.loader, self.accelerator, self.task, on_batch=self.watchdog.beat)
         self.log.log(state.step, {f"eval/{k}": v for k, v in metrics.items()})
         self.say(f"step {state.step}: " + ", ".join(
             f"eval {k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))

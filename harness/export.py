@@ -48,8 +48,8 @@ def save_model(accelerator, model, tokenizer, path: Path, extra: Optional[dict] 
                 accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
                     tmp, state_dict=state_dict, safe_serialization=True, save_original_format=False
                 )
-            if weights is not None and dtype is not None:  # config.json names the parameters' dtype, not the weights'
-                _set_config_dtype(tmp / "config.json", dtype)
+            # config.json names the parameters' dtype, not the weights'; and the threshold a multi-label model decides at
+            _edit_config(tmp / "config.json", dtype if weights is not None else None, (extra or {}).get("threshold"))
             tokenizer.save_pretrained(tmp)
             faults.write("model", accelerator.process_index)
             if extra is not None:
@@ -77,11 +77,13 @@ def quiet_progress():
             transformers_logging.enable_progress_bar()
 
 
-def _set_config_dtype(config: Path, dtype) -> None:
+def _edit_config(config: Path, dtype, threshold) -> None:
     values = json.loads(config.read_text())
     for key in ("dtype", "torch_dtype"):
-        if key in values:
+        if key in values and dtype is not None:
             values[key] = str(dtype).replace("torch.", "")
+    if threshold is not None:
+        values["decision_threshold"] = threshold
     config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 

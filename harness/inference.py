@@ -28,10 +28,11 @@ from harness.recipes import load_config
 from harness.data import Collator, build_split, eval_dataloader, model_inputs, pad_token_id, tokenize
 from harness.distributed import build_accelerator
 from harness.errors import BadInput
-from harness.evaluation import DETAILS, confusion_matrix, evaluate, per_class
+from harness.evaluation import DETAILS, confusion_matrix, evaluate
 from harness.lock import hold
 from harness.modeling import check_max_length, load_trained, model_length_limit
 from harness.schedule import eval_batch_size
+from harness.tasks import Task, per_class, saved_task
 
 
 def saved_data_config(model_dir: Path, model, tokenizer) -> DataConfig:
@@ -73,47 +74,55 @@ def evaluate_saved(model_dir: str | Path, config: str | None = None, overrides=(
 def _evaluate(model_dir: Path, cfg: Config, output: Path, accelerator, trust_remote_code: bool) -> dict:
     model, tokenizer = load_trained(model_dir, trust_remote_code)
     check_max_length(cfg.data.max_length, model.config, tokenizer)
-    num_labels = model.config.num_labels
-    names = [model.config.id2label[i] for i in range(num_labels)]
-    texts, loader = _scored_split(cfg, tokenizer, accelerator, num_labels)
+    task = saved_task(model.config)
+    names = [model.config.id2label[i] for i in range(task.num_labels)]
+    texts, loader = _scored_split(cfg, tokenizer, accelerator, task)
     # no DDP wrapper (nothing is trained): its process-group teardown at exit can deadlock a rank after the results
     model, loader = accelerator.prepare_model(model, evaluation_mode=True), accelerator.prepare_data_loader(loader)
     details: dict = {}
-    metrics = evaluate(model, loader, accelerator, num_labels, details=details)
-    metrics["per_class"] = per_class(details["pred"], details["label"], names)
+    metrics = evaluate(model, loader, accelerator, task, details=details)
+    if task.kind != "regression":
+        metrics["per_class"] = per_class(details["pred"], details["label"].long(), names)
     if accelerator.is_main_process:
-        _write_evaluation(output, metrics, details, names, cfg.data.max_length, texts)
+        _write_evaluation(output, metrics, details, task, names, cfg.data.max_length, texts)
+        per = f"{_per_class_line(metrics['per_class'])}; " if "per_class" in metrics else ""
         print(f"evaluated {metrics['num_examples']} examples on {accelerator.num_processes} process(es); "
-              f"{_per_class_line(metrics['per_class'])}; predictions in {output / 'predictions.jsonl'}", file=sys.stderr)
+              f"{per}predictions in {output / 'predictions.jsonl'}", file=sys.stderr)
         print(json.dumps(metrics), flush=True)
     accelerator.end_training()
     return metrics
 
 
-def _scored_split(cfg: Config, tokenizer, accelerator, num_labels: int):
+def _scored_split(cfg: Config, tokenizer, accelerator, task: Task):
     """(the main process's {row: text head}, the eval loader whose batches carry DETAILS)."""
     d = cfg.data
     with accelerator.local_main_process_first():
-        ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, cfg.train.seed, cfg.model.label_names, num_labels,
-                         keep_text=True)
+        ds = build_split(d, d.eval_split, tokenizer, d.eval_samples, cfg.train.seed, cfg.model.label_names,
+                         task.num_labels, keep_text=True, kind=task.kind)
     texts = dict(zip(ds["row"], ds["text"])) if accelerator.is_main_process else None
     collate = Collator(pad_token_id(tokenizer), extras=DETAILS, max_length=d.max_length)
     return texts, eval_dataloader(ds.remove_columns("text"), eval_batch_size(cfg.train), collate, d.num_workers)
 
 
-def _write_evaluation(output: Path, metrics: dict, details: dict, names: list[str], max_length: int, texts) -> None:
+def _write_evaluation(output: Path, metrics: dict, details: dict, task: Task, names: list[str], max_length: int,
+                      texts) -> None:
     """Each file written whole and renamed into place, the manifest last: `harness report` trusts the files only
-    where the manifest lists them as they are (a `kill -9` halfway leaves none, or the last evaluation's)."""
+    where the manifest lists them as they are (a `kill -9` halfway leaves none, or the last evaluation's). A
+    single-label task also gets confusion_matrix.json."""
     output.mkdir(parents=True, exist_ok=True)
     (output / EVALUATION).unlink(missing_ok=True)
     replace_file(output / "eval_results.json", json.dumps(metrics, indent=2) + "\n")
     tmp = output / f"predictions.jsonl.{os.getpid()}.tmp"
-    write_predictions(tmp, details, names, max_length, texts)
+    write_predictions(tmp, details, task, names, max_length, texts)
     os.replace(tmp, output / "predictions.jsonl")
-    replace_file(output / "confusion_matrix.json",
-                 json.dumps(confusion_matrix(details["pred"], details["label"], names), indent=2) + "\n")
-    files = {name: (output / name).stat().st_size for name in ("eval_results.json", "predictions.jsonl",
-                                                             "confusion_matrix.json")}
+    written = ["eval_results.json", "predictions.jsonl"]
+    if task.kind == "single_label":
+        replace_file(output / "confusion_matrix.json",
+                     json.dumps(confusion_matrix(details["pred"], details["label"], names), indent=2) + "\n")
+        written.append("confusion_matrix.json")
+    else:
+        (output / "confusion_matrix.json").unlink(missing_ok=True)  # an earlier evaluation's, of another task
+    files = {name: (output / name).stat().st_size for name in written}
     replace_file(output / EVALUATION, json.dumps({"files": files}, indent=2) + "\n")
 
 
@@ -122,14 +131,14 @@ def _per_class_line(per: dict) -> str:
                      for n, v in per.items())
 
 
-def write_predictions(path: Path, details: dict, names: list[str], max_length: int, texts=None) -> None:
-    """predictions.jsonl: one line per example, ordered by its row in the split."""
+def write_predictions(path: Path, details: dict, task: Task, names: list[str], max_length: int, texts=None) -> None:
+    """predictions.jsonl: one line per example, ordered by its row in the split: its label and prediction as the task
+    has them (a name, the names of a multi-label example, or a number) and the probabilities behind them."""
     with open(path, "w") as f:
         for i in range(len(details["row"])):
-            row = {"id": int(details["row"][i]), "label": names[int(details["label"][i])],
-                   "predicted": names[int(details["pred"][i])],
-                   "probabilities": {n: round(float(p), 6) for n, p in zip(names, details["probs"][i])},
-                   "tokens": int(details["length"][i]), "truncated": int(details["full_length"][i]) > max_length}
+            shown = task.shown(details["label"][i], details["pred"][i], details["outputs"][i], names)
+            row = {"id": int(details["row"][i]), **shown, "tokens": int(details["length"][i]),
+                   "truncated": int(details["full_length"][i]) > max_length}
             if texts is not None:
                 row["text"] = texts[int(details["row"][i])]
             f.write(json.dumps(row) + "\n")
@@ -164,12 +173,14 @@ def read_jsonl_texts(path: Path) -> list:
 
 def predict(model_dir: str | Path, texts: list, batch_size: int = 32, probabilities: bool = False,
             trust_remote_code: bool = False) -> list[dict]:
-    """One dict per input, in input order: text (and text_pair), label, score (and every label's probability).
+    """One dict per input, in input order: text (and text_pair) and what the task predicts (Task.prediction).
     An input is a string, or a (text, text_pair) tuple for a model trained on sentence pairs. Batches go
     longest first (little padding), on the GPU where there is one."""
     if batch_size < 1:
         raise BadInput(f"predict: --batch-size must be at least 1, got {batch_size}")
     model, tokenizer = load_trained(model_dir, trust_remote_code)
+    task = saved_task(model.config)
+    names = [model.config.id2label[i] for i in range(task.num_labels)]
     data = saved_data_config(Path(model_dir), model, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
@@ -182,8 +193,9 @@ def predict(model_dir: str | Path, texts: list, batch_size: int = 32, probabilit
             idx = order[start : start + batch_size]
             batch = collate([ds[i] for i in idx])
             logits = model(**{k: v.to(device) for k, v in model_inputs(batch).items()}).logits
-            for i, p in zip(idx, logits.float().softmax(-1).cpu()):
-                results[i] = _prediction(texts[i], p, model.config.id2label, probabilities)
+            for i, outputs in zip(idx, task.outputs(logits).cpu()):
+                shown = {"text": texts[i][0], "text_pair": texts[i][1]} if isinstance(texts[i], tuple) else {"text": texts[i]}
+                results[i] = {**shown, **task.prediction(outputs, names, probabilities)}
     return results
 
 
@@ -199,12 +211,3 @@ def _input_columns(texts: list, data: DataConfig, model_dir) -> dict:
     elif any(paired):
         raise BadInput(f"predict: {model_dir} was trained on single texts; remove 'text_pair' from the input")
     return columns
-
-
-def _prediction(text, probs: torch.Tensor, id2label: dict, probabilities: bool) -> dict:
-    k = int(probs.argmax())
-    shown = {"text": text[0], "text_pair": text[1]} if isinstance(text, tuple) else {"text": text}
-    row = {**shown, "label": id2label[k], "score": round(float(probs[k]), 6)}
-    if probabilities:
-        row["probabilities"] = {id2label[j]: round(float(probs[j]), 6) for j in range(len(probs))}
-    return row

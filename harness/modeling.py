@@ -17,6 +17,7 @@ from harness.errors import BadInput, first_line
 from harness.families import Family, check_choices, family_of, pad_token
 from harness.safeload import check_pickles
 from harness.schedule import training_flops_per_token
+from harness.tasks import HF_PROBLEM_TYPES
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -109,9 +110,9 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None, warn=None, pad
     if mismatched and warn is not None:
         warn(f"harness: warning: model.ignore_mismatched_sizes: {', '.join(mismatched)} initialised anew "
              f"(their shapes in '{source}' differ)")
-    # What the model's first forward would write into its config (integer labels, at least 2 classes): set here,
-    # so that a compiled model's graph is not invalidated by that write after its first step and compiled twice.
-    model.config.problem_type = "single_label_classification"
+    # What the model's first forward would write into its config: set here, so that a compiled model's graph is not
+    # invalidated by that write after its first step and compiled twice; saved, it tells pipeline how to score.
+    model.config.problem_type = HF_PROBLEM_TYPES[cfg.problem_type]
     return model
 
 

@@ -102,7 +102,7 @@ def world_from(launch: dict, nodes: Optional[int], gpus_per_node: Optional[int],
 def split_size(cfg: Config, split: str, requested: Optional[int]) -> tuple[int, str]:
     d, m = cfg.data, cfg.model
     try:
-        n = len(load_split(d, split, m.label_names, m.num_labels))
+        n = len(load_split(d, split, m.label_names, m.num_labels, m.problem_type))
     except BadInput as e:
         if "cannot load dataset" not in str(e):
             raise

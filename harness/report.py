@@ -162,15 +162,17 @@ def comparison_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows (Markdown-ready strings); the best value of each metric column in bold."""
     diff = differing_keys(runs)
     summaries = [r.summary() for r in runs]
-    header = ["run", *diff, "status", "steps", *METRICS, "best", "wall time (s)", "samples/s", "hardware"]
+    # the metrics these runs' tasks report (a single-label run has no correlation); all where none reports any
+    shown = [m for m in METRICS if any(_number(s[m]) for s in summaries)] or list(METRICS)
+    header = ["run", *diff, "status", "steps", *shown, "best", "wall time (s)", "samples/s", "hardware"]
     rows = []
     for run, s in zip(runs, summaries):
         flat = {f"{sec}.{k}": v for sec, vals in run.config.items() if isinstance(vals, dict) for k, v in vals.items()}
         rows.append([run.name, *(_fmt(flat.get(k)) for k in diff), s["status"], _fmt(s["steps"]),
-                     *(_fmt(s[m]) for m in METRICS), _fmt(s["best"]), _fmt(s["wall time"]),
+                     *(_fmt(s[m]) for m in shown), _fmt(s["best"]), _fmt(s["wall time"]),
                      _fmt(s["samples/s"]), s["hardware"]])
     if len(runs) > 1:
-        for m in METRICS:
+        for m in shown:
             values = [s[m] for s in summaries if _number(s[m])]
             if values:
                 best = max(values) if METRICS[m] else min(values)
@@ -201,8 +203,10 @@ def cut_short(folder: Path) -> str:
 
 
 def mistakes(model_dir: Path, n: int = 10) -> list[dict]:
-    """The most confident wrong predictions, from the predictions.jsonl that `harness evaluate` wrote."""
-    wrong = [p for p in Run._jsonl(model_dir / "predictions.jsonl") if p.get("predicted") != p.get("label")
+    """The most confident wrong predictions of a single-label model (a name each), from the predictions.jsonl
+    that `harness evaluate` wrote."""
+    wrong = [p for p in Run._jsonl(model_dir / "predictions.jsonl") if isinstance(p.get("predicted"), str)
+             and p.get("predicted") != p.get("label")
              and isinstance(p.get("probabilities"), dict) and _number(p["probabilities"].get(p.get("predicted")))]
     return sorted(wrong, key=lambda p: -p["probabilities"][p["predicted"]])[:n]
 

@@ -25,13 +25,15 @@ FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json"
 # ---------------------------------------------------------------- loading
 
 
-def load_split(cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int) -> Dataset:
-    """Load one split with its text and label columns validated (labels as ints in [0, num_labels))."""
+def load_split(cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int,
+               kind: str = "single_label") -> Dataset:
+    """Load one split with its text and label columns validated, the labels as model.problem_type `kind` takes
+    them (ids in [0, num_labels), 0/1 rows, or numbers)."""
     if cfg.dataset == "synthetic":
         ds = synthetic_split(split)
     else:
         ds = _load_source(cfg.dataset, split, cfg.dataset_config)
-    return validate_columns(ds, cfg, split, label_names, num_labels)
+    return validate_columns(ds, cfg, split, label_names, num_labels, kind)
 
 
 def _load_source(source: str, split: str, config_name: Optional[str] = None) -> Dataset:
@@ -151,6 +153,9 @@ def label_id(value, label_names: Optional[list[str]], num_labels: int, where: st
     names = {name: i for i, name in enumerate(label_names or [])}
     if isinstance(value, str) and value in names:
         return names[value]
+    if isinstance(value, (list, tuple, np.ndarray)):
+        raise BadInput(f"{where}: label {_short(value)} is a list: for several labels per example set "
+                       f"model.problem_type=multi_label")
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     elif isinstance(value, (float, np.floating)) and float(value).is_integer():
@@ -158,13 +163,55 @@ def label_id(value, label_names: Optional[list[str]], num_labels: int, where: st
     if isinstance(value, str):
         known = f"one of model.label_names {label_names}" if label_names else "an id (set model.label_names to map names)"
         raise BadInput(f"{where}: label {value!r} is not {known}")
+    if isinstance(value, (float, np.floating)):
+        raise BadInput(f"{where}: label {value!r} is not a class id: for numeric targets set "
+                       f"model.problem_type=regression and model.num_labels=1")
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < num_labels:
         raise BadInput(f"{where}: label {value!r} is outside [0, {num_labels}) (model.num_labels={num_labels})")
     return int(value)
 
 
-def validate_columns(ds: Dataset, cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int) -> Dataset:
-    """Check the columns and labels; returns a dataset whose label column holds ints."""
+def multi_hot(value, label_names: Optional[list[str]], num_labels: int, where: str) -> list[float]:
+    """Multi-label labels as users store them, as a 0/1 row of num_labels: a list of ids or names, one id or name,
+    or a 0/1 vector of exactly num_labels values (a list of that length holding only 0 and 1 is read as one)."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and len(value) == num_labels and all(
+            not isinstance(v, str) and v in (0, 1) for v in value):
+        return [float(v) for v in value]
+    row = [0.0] * num_labels
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        row[label_id(v, label_names, num_labels, where)] = 1.0
+    return row
+
+
+def target(value, where: str) -> float:
+    """A regression target: a finite number, or one written as text."""
+    try:
+        number = float(value) if not isinstance(value, (bool, list, tuple, dict)) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not np.isfinite(number):
+        raise BadInput(f"{where}: label {_short(value)} is not a finite number (model.problem_type=regression)")
+    return number
+
+
+def _short(value) -> str:
+    return repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+
+
+def labels_as(kind: str, values, label_names: Optional[list[str]], num_labels: int, split: str) -> list:
+    """A split's labels as model.problem_type takes them: class ids, 0/1 rows, or numbers."""
+    if kind == "regression":
+        return [target(v, f"split '{split}' row {row}") for row, v in enumerate(values)]
+    convert = multi_hot if kind == "multi_label" else label_id
+    return [convert(v, label_names, num_labels, f"split '{split}' row {row}") for row, v in enumerate(values)]
+
+
+def validate_columns(ds: Dataset, cfg: DataConfig, split: str, label_names: Optional[list[str]], num_labels: int,
+                     kind: str = "single_label") -> Dataset:
+    """Check the columns and labels; returns a dataset whose label column holds them as model.problem_type `kind`
+    takes them (sources.labels_as)."""
     columns = [("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)]
     if cfg.text_pair_column:
         columns.append(("data.text_pair_column", cfg.text_pair_column))
@@ -174,7 +221,7 @@ def validate_columns(ds: Dataset, cfg: DataConfig, split: str, label_names: Opti
     if len(ds) == 0:
         raise BadInput(f"split '{split}' of {cfg.dataset} is empty")
     col = cfg.label_column
-    ids = [label_id(v, label_names, num_labels, f"split '{split}' row {row}") for row, v in enumerate(ds[col])]
+    ids = labels_as(kind, ds[col], label_names, num_labels, split)
     # a new column of ids, whatever the file stored (strings come as large_string from CSV and Parquet)
     ds = ds.remove_columns([col]).add_column(col, ids)
     for col in filter(None, (cfg.text_column, cfg.text_pair_column)):

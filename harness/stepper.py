@@ -14,6 +14,7 @@ from harness.data import model_inputs
 from harness.dropout import FastCpuDropout
 from harness.families import family_of, mask_setting
 from harness.graphs import StepGraphs, backend_for
+from harness.tasks import Task
 from harness.tracking import SyncWatch, compile_report
 
 
@@ -28,11 +29,12 @@ class Stepper:
     """`stepper.step(micro_batches, step)` runs optimizer step `step` (1-based); `grad_norm` is the newest clipped
     norm, `lr()` the learning rate the step used. Nothing here waits for the GPU."""
 
-    def __init__(self, cfg: Config, accelerator, model, optimizer, scheduler, guard, meter, sharded: Optional[str],
-                 say):
+    def __init__(self, cfg: Config, task: Task, accelerator, model, optimizer, scheduler, guard, meter,
+                 sharded: Optional[str], say):
         t = cfg.train
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.guard, self.meter, self.max_grad_norm, self.compiled = guard, meter, t.max_grad_norm, t.compile
+        self.task = task
         self.compile_records_graphs = t.compile_records_graphs
         self.watch = SyncWatch(t.sync_debug)
         # what was loaded (sdpa falls back to eager where unsupported), read off the model inside any wrapper
@@ -69,7 +71,7 @@ class Stepper:
         with self.dropout_mode:
             logits = self.model(**model_inputs(batch)).logits
         # in fp32 whatever the weights' dtype (autocast computes it so; bf16 weights would give a bf16 loss)
-        loss = self.guard.inject(torch.nn.functional.cross_entropy(logits.float(), batch["labels"]), self.current)
+        loss = self.guard.inject(self.task.loss(logits, batch["labels"], weighted=True), self.current)
         self.accelerator.backward(loss)
         norm = None
         if self.accelerator.sync_gradients and self.max_grad_norm > 0:

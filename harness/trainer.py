@@ -42,6 +42,7 @@ from harness.precision import MasterWeights, bf16_master_weights, precision_in_w
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule
 from harness.stepper import Stepper, fast_dropout
+from harness.tasks import Task, class_weights
 from harness.tracking import DtypeProbe, MetricsLog, StepLogger, Throughput, trackers
 
 
@@ -150,13 +151,17 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
     guard = NonFiniteGuard(acc, functools.partial(latest_checkpoint, run.root), ctx.faults)
     meter = Throughput(acc, model_flops, peak_flops(t.peak_flops))
     launch = announce(cfg, ctx, state, schedule, sampler, (len(train_ds), len(eval_ds)), masters is not None)
-    stepper = Stepper(cfg, acc, model, optimizer, scheduler, guard, meter, sharding(acc), ctx.say)
+    task = Task.of(cfg.model)
+    if t.class_weights is not None:
+        task.class_weights = class_weights(train_ds["labels"], cfg.model.num_labels, t.class_weights)
+        ctx.say(f"class weights ({t.class_weights}): {[round(w, 4) for w in task.class_weights.tolist()]}")
+    stepper = Stepper(cfg, task, acc, model, optimizer, scheduler, guard, meter, sharding(acc), ctx.say)
     exporter = Exporter(acc, model, tokenizer, masters, cfg, launch, ctx.watchdog, ctx.faults)
     ctx.install_stop_flag()
     ctx.parts = Parts(
         cfg, state, schedule.total_steps, len(train_ds), sampler, train_dl, stepper,
         StepLogger(acc, ctx.log, meter, probe, t.log_every, schedule.total_steps, len(train_ds), guard, ctx.say),
-        Evaluator(t, cfg.model.num_labels, acc, model, eval_dl, ctx.log, exporter, run.best, guard, ctx.watchdog, ctx.say),
+        Evaluator(t, task, acc, model, eval_dl, ctx.log, exporter, run.best, guard, ctx.watchdog, ctx.say),
         Checkpointer(acc, run.root, t.save_every, t.keep_last, sampler.global_batch, sharding(acc), guard, ctx.watchdog,
                      ctx.say, ctx.faults),
         exporter, guard)

@@ -170,7 +170,7 @@ def test_string_labels_are_mapped_through_label_names(tmp_path):
         ([{"text": "x", "label": 1}, {"text": "y", "label": 2}], {}, "row 1: label 2 is outside [0, 2)"),
         ([{"text": "x", "label": -1}], {}, "row 0: label -1 is outside"),
         ([{"text": "x", "label": "great"}], {}, "label 'great' is not an id (set model.label_names to map names)"),
-        ([{"text": "x", "label": 0.5}], {}, "row 0: label 0.5 is outside [0, 2)"),
+        ([{"text": "x", "label": 0.5}], {}, "row 0: label 0.5 is not a class id: for numeric targets set model.problem_type=regression"),
     ],
 )
 def test_bad_columns_and_labels_are_named(tmp_path, rows, cfg_kwargs, fragment):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from harness.config import METRICS
+from harness.config import TASK_METRICS
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_final_holds_a_model_card_with_the_hub_metadata_of_its_run(ddp_ten_steps
     assert "base_model" not in meta and "datasets" not in meta, "a local model and synthetic data are not hub ids"
     [entry] = meta["model-index"][0]["results"]
     assert entry["task"]["type"] == "text-classification" and entry["dataset"]["name"] == "synthetic"
-    assert {m["type"]: m["value"] for m in entry["metrics"]} == {k: results[k] for k in METRICS}
+    assert {m["type"]: m["value"] for m in entry["metrics"]} == {k: results[k] for k in TASK_METRICS["single_label"]}
     recipe = yaml.safe_load(cfg_path.read_text())
     assert f"- learning rate: {recipe['train']['lr']}" in card.text and "- max steps: 10" in card.text
     assert "Launched on 2 process(es), DDP, precision no." in card.text

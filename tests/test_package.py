@@ -11,7 +11,7 @@ from tests.helpers import REPO
 LAYERS = [
     ("errors", "faults"),
     ("config", "safeload"),
-    ("recipes", "schedule", "families"),
+    ("recipes", "schedule", "families", "tasks"),
     ("sources", "optim", "dropout", "attention", "modeling", "distributed", "graphs"),
     ("data", "precision", "checkpoint", "guards", "tracking"),
     ("lock", "export", "evaluation", "stepper"),
