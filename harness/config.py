@@ -83,7 +83,12 @@ class DataConfig:
     """Truncation length in tokens; batches are padded only to their longest example (see data.pad_multiple)."""
     truncation: str = "head"
     """`head` keeps the first max_length tokens; `head_tail` keeps the first quarter and the end of long texts
-    (Sun et al., 2019: reviews often conclude at the end). Sentence pairs take `head`."""
+    (Sun et al., 2019: reviews often conclude at the end); `chunks` throws no text away: a long text becomes
+    overlapping windows of max_length, each a training example with the text's label, and evaluate and predict
+    classify a text by the mean of its windows' logits (each text counted once on any number of ranks).
+    Sentence pairs take `head`."""
+    chunk_overlap: int = 64
+    """data.truncation=chunks: tokens each window shares with the one before it."""
     train_samples: Optional[int] = None
     """Stratified, seeded subset of the training split (null: all of it)."""
     eval_samples: Optional[int] = None
@@ -117,7 +122,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     """AdamW's decoupled weight decay."""
     warmup_steps: float = 0
-    """Optimizer steps of linear warmup (a value in (0, 1) is a fraction of the run), then linear decay to 0."""
+    """Optimizer steps of linear warmup (a value in (0, 1) is a fraction of the run), then decay to 0."""
+    lr_schedule: str = "linear"
+    """How the learning rate decays after the warmup: `linear` or `cosine` (half a cosine), to 0 at the last step."""
+    layer_lr_decay: float = 1.0
+    """Layer-wise learning-rate decay: the classifier (and pooler) trains at train.lr, each layer below it at this
+    fraction of the one above, the embeddings the least; 1 trains all at train.lr."""
     class_weights: Optional[Union[str, list[float]]] = None
     """Single-label: weigh each class's training loss, against imbalanced data. `auto`: n / (classes x the
     class's count in the training set); or one weight per class; null: all 1. Evaluation losses are unweighted."""
@@ -212,14 +222,15 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 CHOICES = {
     "model.problem_type": ("single_label", "multi_label", "regression"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"), "model.attention_mask": ("auto", "4d", "2d"),
-    "data.truncation": ("head", "head_tail"), "train.bf16_mode": ("auto", "autocast", "master_weights"),
-    "train.cpu_dropout": ("fast", "torch"), "train.compile_scope": ("model", "layers"),
+    "data.truncation": ("head", "head_tail", "chunks"), "train.bf16_mode": ("auto", "autocast", "master_weights"),
+    "train.cpu_dropout": ("fast", "torch"), "train.lr_schedule": ("linear", "cosine"),
+    "train.compile_scope": ("model", "layers"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "train.cuda_graphs": ("auto", True, False),
 }
 # Numeric keys and their least value (null passes where the key allows it).
 AT_LEAST = {
-    "model.num_labels": 1, "data.max_length": 8, "data.train_samples": 1, "data.eval_samples": 1, "data.num_workers": 0,
+    "model.num_labels": 1, "data.max_length": 8, "data.chunk_overlap": 0, "data.train_samples": 1, "data.eval_samples": 1, "data.num_workers": 0,
     "train.epochs": 1, "train.max_steps": 1, "train.per_device_batch_size": 1, "train.eval_batch_size": 1,
     "train.grad_accum_steps": 1, "train.weight_decay": 0, "train.warmup_steps": 0, "train.max_grad_norm": 0,
     "train.log_every": 1, "train.keep_last": 1, "train.seed": 0, "train.early_stopping_patience": 1, "train.early_stopping_min_delta": 0,
@@ -255,14 +266,16 @@ def validate(cfg: Config) -> None:
          f"model.label_names names a label twice: {m.label_names}")
     need(t.seed < 2**32, f"train.seed must be below 2**32 (what numpy and torch seed with), got {t.seed}")
     need(d.text_pair_column is None or d.truncation == "head",
-         "data.truncation=head_tail applies to single texts; sentence pairs (data.text_pair_column) are truncated "
-         "from the longer side first: use data.truncation=head")
+         f"data.truncation={d.truncation} applies to single texts; sentence pairs (data.text_pair_column) are "
+         f"truncated from the longer side first: use data.truncation=head")
     need(d.text_pair_column != d.text_column, f"data.text_pair_column must differ from data.text_column ({d.text_column!r})")
     need(d.pad_multiple == "auto" or (isinstance(d.pad_multiple, int) and d.pad_multiple >= 1),
          f"data.pad_multiple must be 'auto' or a positive number of tokens, got {d.pad_multiple!r}")
     need(not (m.unpadded and t.compile_records_graphs),
          f"model.unpadded with train.compile_mode={t.compile_mode}: the packed length changes with every batch, and "
          f"a CUDA graph would be recorded for each; use compile_mode default or max-autotune-no-cudagraphs")
+    need(isinstance(t.layer_lr_decay, (int, float)) and 0 < t.layer_lr_decay <= 1,
+         f"train.layer_lr_decay must be in (0, 1] (1: no decay), got {t.layer_lr_decay!r}")
     need(t.warmup_steps < 1 or float(t.warmup_steps).is_integer(),
          f"train.warmup_steps must be a whole number of steps or a fraction below 1, got {t.warmup_steps}")
     for name, every, null in (("eval_every", t.eval_every, False), ("save_every", t.save_every, True)):

@@ -17,6 +17,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from harness.config import DataConfig
+from harness.errors import BadInput
 from harness.schedule import eval_batch_size, global_batch, steps_in_epoch
 from harness.sources import load_split
 
@@ -77,10 +78,18 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
     prefix, suffix = outer[:at], outer[at + len(inner) :]
     budget = max_length - len(prefix) - len(suffix)
     head = budget // 4 if cfg.truncation == "head_tail" else budget  # `head`: all of the budget, no tail
+    if cfg.truncation == "chunks" and not 0 <= cfg.chunk_overlap < budget:
+        raise BadInput(f"data.chunk_overlap={cfg.chunk_overlap} must be below the {budget} text tokens a window of "
+                       f"data.max_length={max_length} holds")
+
+    if cfg.truncation == "chunks" and ROW not in ds.column_names:  # each window names its document by its row
+        ds = ds.add_column(ROW, list(range(len(ds))))
 
     def encode(batch):
         pieces = tokenizer(batch[text_col], add_special_tokens=False, return_attention_mask=False,
                            return_token_type_ids=False)["input_ids"]
+        if cfg.truncation == "chunks":
+            return _windows(batch, pieces, prefix, suffix, budget, cfg.chunk_overlap, label_col)
         ids = [prefix + (p if len(p) <= budget else p[:head] + p[len(p) - (budget - head) :]) + suffix for p in pieces]
         enc = {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids], "labels": batch[label_col],
                "length": [len(i) for i in ids], "full_length": [len(p) + len(prefix) + len(suffix) for p in pieces]}
@@ -89,6 +98,26 @@ def tokenize(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
         return enc
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+
+
+def _windows(batch: dict, pieces: list, prefix: list, suffix: list, budget: int, overlap: int, label_col: str) -> dict:
+    """data.truncation=chunks: each text as windows of `budget` tokens, each sharing `overlap` tokens with the one
+    before and wrapped in the model's special tokens; every window carries its document (`doc`, its row) and label.
+    A short text is one window."""
+    enc = {k: [] for k in ("input_ids", "labels", "length", "full_length", "row", "doc")}
+    stride = budget - overlap
+    for i, p in enumerate(pieces):
+        starts = range(0, max(1, len(p) - overlap), stride) if len(p) > budget else [0]
+        for start in starts:
+            ids = prefix + p[start : start + budget] + suffix
+            enc["input_ids"].append(ids)
+            enc["labels"].append(batch[label_col][i])
+            enc["length"].append(len(ids))
+            enc["full_length"].append(len(p) + len(prefix) + len(suffix))
+            enc["row"].append(batch[ROW][i])
+            enc["doc"].append(enc["row"][-1])
+    enc["attention_mask"] = [[1] * len(i) for i in enc["input_ids"]]
+    return enc
 
 
 def _tokenize_pairs(ds: Dataset, tokenizer, cfg: DataConfig) -> Dataset:
@@ -122,7 +151,8 @@ def build_split(cfg: DataConfig, split: str, tokenizer, n: Optional[int], seed: 
     if keep_text:
         texts = ds[cfg.text_column] if not cfg.text_pair_column else [
             f"{a} [PAIR] {b}" for a, b in zip(ds[cfg.text_column], ds[cfg.text_pair_column])]
-        tokenized = tokenized.add_column("text", [t[:200] for t in texts])
+        head = {row: t[:200] for row, t in zip(ds[ROW], texts)}  # by row: a text's windows share it
+        tokenized = tokenized.add_column("text", [head[row] for row in tokenized["row"]])
     return tokenized
 
 
@@ -184,6 +214,8 @@ class Collator:
             for i, e in enumerate(examples):
                 segments[i, : len(e["token_type_ids"])] = torch.as_tensor(e["token_type_ids"])
             batch["token_type_ids"] = segments
+        if "doc" in examples[0]:  # data.truncation=chunks: which document each window belongs to
+            batch["doc"] = torch.as_tensor([int(e["doc"]) for e in examples], dtype=torch.long)
         for key in self.extras:
             batch[key] = torch.as_tensor([int(e[key]) for e in examples], dtype=torch.long)
         if self.unpadded:

@@ -21,28 +21,51 @@ DETAILS = ("row", "length", "full_length")  # what a batch must carry (Collator 
 def evaluate(model, dataloader: DataLoader, accelerator, task: Task, on_batch=lambda: None,
              details: dict | None = None) -> dict:
     """The task's metrics over the whole eval set, the same on every rank. `on_batch` is called before every
-    batch (the stall watchdog's beat). With `details` (a dict to fill; the batches must carry DETAILS), every
-    example's row and token counts are kept too, each example once: `details` gets tensors `row`, `label`,
-    `outputs` (probabilities, or values for regression), `length`, `full_length`, ordered by row."""
+    batch (the stall watchdog's beat). Batches of windows (data.truncation=chunks: they carry `doc`) are scored per
+    document, by the mean of its windows' logits, wherever its windows ran. With `details` (a dict to fill; the
+    batches must carry DETAILS), every example's row and token counts are kept too, each example once: `details`
+    gets tensors `row`, `label`, `outputs` (probabilities, or values for regression), `pred`, `length`,
+    `full_length`, ordered by row."""
     was_training = model.training
     model.eval()
-    gathered = {k: [] for k in ("outputs", "label", "loss", *(DETAILS if details is not None else ()))}
+    keys = ("logits", "label", *(("doc",) if _has_docs(dataloader) else ()), *(DETAILS if details is not None else ()))
+    gathered = {k: [] for k in keys}
     for batch in dataloader:
         on_batch()
-        logits = model(**model_inputs(batch)).logits
-        values = (task.outputs(logits), batch["labels"], task.loss(logits, batch["labels"], reduction="none"),
-                  *(batch[k] for k in DETAILS if details is not None))
-        for key, value in zip(gathered, accelerator.gather_for_metrics(values)):
+        values = (model(**model_inputs(batch)).logits.float(), batch["labels"], *(batch[k] for k in keys[2:]))
+        for key, value in zip(keys, accelerator.gather_for_metrics(values)):
             gathered[key].append(value.cpu())
     if was_training:
         model.train()
     cols = {k: torch.cat(v) for k, v in gathered.items()}
-    metrics = task.metrics(cols["outputs"], cols["label"], cols["loss"])
+    if "doc" in cols:
+        cols = per_document(cols)
+    outputs = task.outputs(cols["logits"])
+    metrics = task.metrics(outputs, cols["label"], task.loss(cols["logits"], cols["label"], reduction="none"))
     if details is not None:
         order = torch.argsort(cols["row"])
-        details.update({k: v[order] for k, v in cols.items() if k != "loss"})
+        details.update({k: v[order] for k, v in cols.items() if k in ("label", *DETAILS)}, outputs=outputs[order])
         details["pred"] = task.decide(details["outputs"], metrics.get("threshold"))
     return metrics
+
+
+def _has_docs(dataloader: DataLoader) -> bool:
+    """Whether the set is windows of documents (data.truncation=chunks): its dataset has their `doc` column."""
+    return "doc" in getattr(dataloader.dataset, "column_names", ())
+
+
+def per_document(cols: dict) -> dict:
+    """Windows gathered from every rank, as documents: each document's logits are the mean of its windows', its
+    label and row its own, its token count all of its tokens (none was cut)."""
+    docs, inverse = torch.unique(cols["doc"], return_inverse=True)
+    counts = torch.bincount(inverse, minlength=len(docs)).unsqueeze(-1)
+    logits = torch.zeros(len(docs), cols["logits"].shape[-1]).index_add_(0, inverse, cols["logits"]) / counts
+    first = torch.zeros(len(docs), dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(len(inverse)), reduce="amin", include_self=False)
+    out = {k: v[first] for k, v in cols.items() if k not in ("logits", "doc")}
+    if "full_length" in out:
+        out["length"] = out["full_length"]
+    return {**out, "logits": logits}
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:

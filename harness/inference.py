@@ -28,7 +28,7 @@ from harness.recipes import load_config
 from harness.data import Collator, build_split, eval_dataloader, model_inputs, pad_token_id, tokenize
 from harness.distributed import build_accelerator
 from harness.errors import BadInput
-from harness.evaluation import DETAILS, confusion_matrix, evaluate
+from harness.evaluation import DETAILS, confusion_matrix, evaluate, per_document
 from harness.lock import hold
 from harness.modeling import check_max_length, load_trained, model_length_limit
 from harness.schedule import eval_batch_size
@@ -84,7 +84,8 @@ def _evaluate(model_dir: Path, cfg: Config, output: Path, accelerator, trust_rem
     if task.kind != "regression":
         metrics["per_class"] = per_class(details["pred"], details["label"].long(), names)
     if accelerator.is_main_process:
-        _write_evaluation(output, metrics, details, task, names, cfg.data.max_length, texts)
+        cut_at = cfg.data.max_length if cfg.data.truncation != "chunks" else None  # chunks cut no text
+        _write_evaluation(output, metrics, details, task, names, cut_at, texts)
         per = f"{_per_class_line(metrics['per_class'])}; " if "per_class" in metrics else ""
         print(f"evaluated {metrics['num_examples']} examples on {accelerator.num_processes} process(es); "
               f"{per}predictions in {output / 'predictions.jsonl'}", file=sys.stderr)
@@ -104,7 +105,7 @@ def _scored_split(cfg: Config, tokenizer, accelerator, task: Task):
     return texts, eval_dataloader(ds.remove_columns("text"), eval_batch_size(cfg.train), collate, d.num_workers)
 
 
-def _write_evaluation(output: Path, metrics: dict, details: dict, task: Task, names: list[str], max_length: int,
+def _write_evaluation(output: Path, metrics: dict, details: dict, task: Task, names: list[str], max_length,
                       texts) -> None:
     """Each file written whole and renamed into place, the manifest last: `harness report` trusts the files only
     where the manifest lists them as they are (a `kill -9` halfway leaves none, or the last evaluation's). A
@@ -131,14 +132,14 @@ def _per_class_line(per: dict) -> str:
                      for n, v in per.items())
 
 
-def write_predictions(path: Path, details: dict, task: Task, names: list[str], max_length: int, texts=None) -> None:
+def write_predictions(path: Path, details: dict, task: Task, names: list[str], max_length, texts=None) -> None:
     """predictions.jsonl: one line per example, ordered by its row in the split: its label and prediction as the task
     has them (a name, the names of a multi-label example, or a number) and the probabilities behind them."""
     with open(path, "w") as f:
         for i in range(len(details["row"])):
             shown = task.shown(details["label"][i], details["pred"][i], details["outputs"][i], names)
             row = {"id": int(details["row"][i]), **shown, "tokens": int(details["length"][i]),
-                   "truncated": int(details["full_length"][i]) > max_length}
+                   "truncated": max_length is not None and int(details["full_length"][i]) > max_length}
             if texts is not None:
                 row["text"] = texts[int(details["row"][i])]
             f.write(json.dumps(row) + "\n")
@@ -187,15 +188,18 @@ def predict(model_dir: str | Path, texts: list, batch_size: int = 32, probabilit
     ds = tokenize(Dataset.from_dict(_input_columns(texts, data, model_dir)), tokenizer, data)
     order = sorted(range(len(ds)), key=lambda i: -ds[i]["length"])
     collate = Collator(pad_token_id(tokenizer), max_length=data.max_length)
-    results: list = [None] * len(texts)
+    logits = torch.empty(len(ds), task.num_labels)
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collate([ds[i] for i in idx])
-            logits = model(**{k: v.to(device) for k, v in model_inputs(batch).items()}).logits
-            for i, outputs in zip(idx, task.outputs(logits).cpu()):
-                shown = {"text": texts[i][0], "text_pair": texts[i][1]} if isinstance(texts[i], tuple) else {"text": texts[i]}
-                results[i] = {**shown, **task.prediction(outputs, names, probabilities)}
+            logits[idx] = model(**{k: v.to(device) for k, v in model_inputs(batch).items()}).logits.float().cpu()
+    if "doc" in ds.column_names:  # data.truncation=chunks: an input's windows, scored together
+        logits = per_document({"logits": logits, "doc": torch.as_tensor(ds["doc"])})["logits"]
+    results = []
+    for text, outputs in zip(texts, task.outputs(logits)):
+        shown = {"text": text[0], "text_pair": text[1]} if isinstance(text, tuple) else {"text": text}
+        results.append({**shown, **task.prediction(outputs, names, probabilities)})
     return results
 
 

@@ -192,7 +192,9 @@ def describe(cfg: Config, p: dict) -> str:
         f"parallelism     {w.parallelism if w.processes > 1 or w.parallelism != 'DDP' else 'one process'}",
         f"batch           {t.per_device_batch_size} per device x {t.grad_accum_steps} accumulation x {w.processes} = {p['global_batch']} per optimizer step",
         f"data            {cfg.data.dataset}: train {p['train_examples']}, eval {p['eval_examples']}, max_length {cfg.data.max_length}",
-        f"steps           {p['steps_per_epoch']} per epoch, {p['total_steps']} in total ({p['epochs']:.2f} epochs), warmup {p['warmup']}",
+        f"steps           {p['steps_per_epoch']} per epoch, {p['total_steps']} in total ({p['epochs']:.2f} epochs), warmup {p['warmup']}"
+        + (" (at least: with data.truncation=chunks a long text trains as several windows)"
+           if cfg.data.truncation == "chunks" and t.max_steps is None else ""),
         f"evaluation      {eval_at} and at the end",
         f"checkpoints     {save_at}, keep {t.keep_last}" + (f", best by {t.best_metric}" if t.best_metric else ""),
         f"output          {t.output_dir}: {start}",

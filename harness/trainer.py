@@ -37,7 +37,7 @@ from harness.guards import NonFiniteGuard, StallWatchdog, StopFlag
 from harness.families import pad_token
 from harness.modeling import (check_model, compile_model, enable_gradient_checkpointing, flops_per_token, load_model,
                               load_tokenizer, peak_flops)
-from harness.optim import build_optimizer, linear_schedule
+from harness.optim import build_optimizer, lr_schedule
 from harness.precision import MasterWeights, bf16_master_weights, precision_in_words
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule
@@ -191,11 +191,12 @@ def build_model(cfg: Config, ctx: RunContext, schedule: Schedule, pad_token_id: 
     if ctx.master_weights:  # on the device before the optimizer takes its parameters as the fp32 masters
         model.to(acc.device)
     # fused AdamW: one kernel per step on GPUs, and far faster than the per-parameter loop on CPUs
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, fused=acc.state.deepspeed_plugin is None)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, fused=acc.state.deepspeed_plugin is None,
+                                layer_decay=t.layer_lr_decay)
     masters = MasterWeights(model, optimizer) if ctx.master_weights else None
     if t.compile:
         ctx.say(f"torch.compile ({t.compile_mode}): {compile_model(model, t.compile_mode, t.compile_scope)}")
-    scheduler = linear_schedule(optimizer, schedule.warmup, schedule.total_steps)
+    scheduler = lr_schedule(optimizer, schedule.warmup, schedule.total_steps, t.lr_schedule)
     configure_deepspeed(acc, t)
     configure_fsdp(acc, model)
     return model, optimizer, scheduler, masters, probe, model_flops

@@ -53,7 +53,7 @@ def test_defaults_without_a_file_and_int_to_float():
         (["train.eval_every=sometimes"], "train.eval_every"),
         (["model.label_names=[a]"], "model.label_names has 1 names"),
         (["data.max_length=0"], "data.max_length"),
-        (["data.truncation=middle"], "data.truncation must be head or head_tail"),
+        (["data.truncation=middle"], "data.truncation must be head, head_tail or chunks"),
         (["train.compile=yes please"], "train.compile: expected true or false"),
         (["train.peak_flops=-1"], "train.peak_flops must be positive"),
         (["train.compile_scope=blocks"], "train.compile_scope must be model or layers"),
