@@ -4,11 +4,12 @@ its recipes, each on the same data and for several seeds.
     python -m benchmarks.accuracy --seeds 0,1,2                     # MiniLM, the IMDb sample's 2,000 / 1,000 reviews
     python -m benchmarks.accuracy --seeds 0,1,2,3,4 --systems harness,harness_torch_dropout
     python -m benchmarks.accuracy --seeds 0,1,2 --systems trainer,recipe:configs/minilm_imdb_cpu.yaml
+    python -m benchmarks.accuracy --systems 'recipe:configs/minilm_imdb_cpu.yaml;train.lr_schedule=cosine'
 
 Every system trains on the sample's whole train split and is scored on its whole test split. The common settings
 (--max-length, --epochs, --batch, --lr, 10% warmup, bf16 autocast) apply to the Trainer and to harness's named
-systems; a `recipe:PATH` system trains as its recipe says, with only the model, the data, the seed and the output
-folder set from here. Wall time counts the same work for every system, in a fresh process each: tokenizing,
+systems; a `recipe:PATH` system trains as its recipe says (`recipe:PATH;KEY=VALUE;...` with overrides), with only
+the model, the data, the seed and the output folder set from here. Wall time counts the same work for every system, in a fresh process each: tokenizing,
 training and scoring the test split.
 - trainer:               Trainer, DataCollatorWithPadding, train_sampling_strategy="group_by_length", bf16;
 - harness:               `harness train` with its defaults (data.truncation=head, train.cpu_dropout=fast);
@@ -101,7 +102,8 @@ def run_harness(args, system: str) -> dict:
     mine = [f"model.name_or_path={args.model}", f"data.dataset={args.data}", f"train.seed={args.seed}",
             f"train.output_dir={out}", "train.save_every=null", "train.report_to=none", "data.num_workers=0"]
     if system.startswith("recipe:"):
-        cfg = load_config(REPO / system.split(":", 1)[1], mine)
+        path, *overrides = system.split(":", 1)[1].split(";")
+        cfg = load_config(REPO / path, [*overrides, *mine])
     else:
         cfg = load_config(None, [*mine, "model.num_labels=2", f"data.max_length={args.max_length}",
                                  f"train.epochs={args.epochs}", f"train.per_device_batch_size={args.batch}",
