@@ -156,6 +156,13 @@ def build_split(cfg: DataConfig, split: str, tokenizer, n: Optional[int], seed: 
     return tokenized
 
 
+def size(ds: Dataset) -> str:
+    """A tokenized split's size in words: its examples, and with data.truncation=chunks the texts they are windows of."""
+    if "doc" not in ds.column_names:
+        return f"{len(ds)} examples"
+    return f"{len(ds)} examples (windows of {len(set(ds['doc']))} texts)"
+
+
 def pad_token_id(tokenizer) -> int:
     """What batches are padded with: the tokenizer's pad token, else 0 (the mask hides it either way)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

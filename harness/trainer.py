@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from harness.attention import make_unpadded
 from harness.checkpoint import Checkpointer, Progress, latest_checkpoint, load_checkpoint, read_progress
 from harness.config import Config
-from harness.data import StepBatchSampler, training_data
+from harness.data import StepBatchSampler, size, training_data
 from harness.distributed import (build_accelerator, check_world_size, collective_timeout, configure_deepspeed,
                                  configure_fsdp, device_name, record_deepspeed_config, sharding)
 from harness.errors import TrainingDiverged, WriteFailed
@@ -150,7 +150,7 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
     ctx.log = MetricsLog(acc, run, cfg, resume_step=state.step if checkpoint else None)
     guard = NonFiniteGuard(acc, functools.partial(latest_checkpoint, run.root), ctx.faults)
     meter = Throughput(acc, model_flops, peak_flops(t.peak_flops))
-    launch = announce(cfg, ctx, state, schedule, sampler, (len(train_ds), len(eval_ds)), masters is not None)
+    launch = announce(cfg, ctx, state, schedule, sampler, (size(train_ds), size(eval_ds)), masters is not None)
     task = Task.of(cfg.model)
     if t.class_weights is not None:
         task.class_weights = class_weights(train_ds["labels"], cfg.model.num_labels, t.class_weights)
@@ -203,7 +203,7 @@ def build_model(cfg: Config, ctx: RunContext, schedule: Schedule, pad_token_id: 
 
 
 def announce(cfg: Config, ctx: RunContext, state: Progress, schedule: Schedule, sampler: StepBatchSampler,
-             sizes: tuple[int, int], master_weights: bool) -> dict:
+             sizes: tuple[str, str], master_weights: bool) -> dict:
     """The run's start, said once and written to launches.jsonl: parallelism, precision, sizes and steps; returns
     the launch in words (processes, parallelism, precision) for the model card."""
     acc, t = ctx.accelerator, cfg.train
@@ -215,7 +215,7 @@ def announce(cfg: Config, ctx: RunContext, state: Progress, schedule: Schedule, 
         ctx.run.record_launch(event="started", step=state.step, processes=acc.num_processes,
                               device=device_name(acc.device), mixed_precision=precision, parallelism=parallelism,
                               torch=torch.__version__)
-    ctx.say(f"train: {sizes[0]} examples, eval: {sizes[1]}; {acc.num_processes} process(es) x "
+    ctx.say(f"train: {sizes[0]}, eval: {sizes[1]}; {acc.num_processes} process(es) x "
             f"batch {t.per_device_batch_size} x accumulation {t.grad_accum_steps} = {sampler.global_batch} per step; "
             f"{schedule.steps_per_epoch} steps/epoch, {schedule.total_steps} steps, warmup {schedule.warmup}")
     return {"processes": acc.num_processes, "parallelism": parallelism, "precision": precision}
