@@ -52,6 +52,8 @@ def build_accelerator(grad_accum_steps: int = 1, log_with: list[str] | None = No
     kwargs: dict = {}
     group: dict = {"timeout": collective_timeout(stall_timeout_s)}
     if not torch.cuda.is_available():
+        # DeepSpeed, which Accelerate imports on the way wherever it is installed, would warn that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if deepspeed_requested() or fsdp_requested():
             # cpu=True would drop the DeepSpeed/FSDP plugin; without an explicit backend Accelerate records one
             # process while DeepSpeed sees the whole world, and DeepSpeed then refuses the batch arithmetic.
