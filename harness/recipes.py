@@ -94,7 +94,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def from_dict(raw: dict) -> Config:
     for section in raw:
         if section not in SECTIONS:
-            raise BadInput(f"unknown config section '{section}' (expected one of: {', '.join(SECTIONS)})")
+            raise BadInput(f"unknown config section {str(section)!r} (expected one of: {', '.join(SECTIONS)})")
     built = {}
     for section, cls in SECTIONS.items():
         values = raw.get(section) or {}
@@ -105,7 +105,7 @@ def from_dict(raw: dict) -> Config:
         kwargs = {}
         for key, value in values.items():
             if key not in known:
-                raise BadInput(f"unknown config key '{section}.{key}' (known keys: {', '.join(sorted(known))})")
+                raise BadInput(f"unknown config key {f'{section}.{key}'!r} (known keys: {', '.join(sorted(known))})")
             kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
         built[section] = cls(**kwargs)
     cfg = Config(**built)
@@ -130,7 +130,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     section, name = key.split(".")
     if section not in SECTIONS:
-        raise BadInput(f"unknown config section '{section}' in override '{key}'")
+        raise BadInput(f"unknown config section {section!r} in override {key!r}")
     if not isinstance(raw.get(section) or {}, dict):
         raise BadInput(f"config section '{section}' must be a mapping")
     raw.setdefault(section, {})
