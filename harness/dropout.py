@@ -29,8 +29,9 @@ class FastCpuDropout(TorchFunctionMode):
     torch's slow paths there, for any model (the functions are intercepted, the modules are the model's own):
     - `F.dropout` draws its mask with dropout_multiplier;
     - `F.scaled_dot_product_attention` with dropout: the CPU's fused kernel takes no dropout, so torch runs its
-      math fallback (in fp32, with checks on the mask); here matmul, softmax in fp32, the dropout multiplier,
-      matmul in the input dtype (docs/performance.md has the speed-up).
+      math fallback (in fp32, with checks on the mask); here matmul, softmax in the input dtype (bf16 under
+      autocast, as transformers' eager attention gives it), the dropout multiplier, matmul (docs/performance.md
+      has the speed-up).
     Anything else (GPU tensors, no dropout, causal or grouped-query attention) goes to torch unchanged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -49,10 +50,8 @@ class FastCpuDropout(TorchFunctionMode):
                     if mask.dtype == torch.bool:  # True = attend
                         mask = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(~mask, float("-inf"))
                     scores = scores + mask.to(scores.dtype)  # an fp32 mask must not widen bf16 scores (v stays bf16)
-                # softmax in fp32, as torch's fallback computes it: bf16 probabilities (3 significant digits) cost
-                # accuracy over seeds (docs/performance.md, "Dropout on the CPU and accuracy")
-                probs = nn.functional.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-                return (probs * dropout_multiplier(probs.shape, p, probs.dtype)).to(v.dtype) @ v
+                probs = nn.functional.softmax(scores, dim=-1)
+                return (probs * dropout_multiplier(probs.shape, p, probs.dtype)) @ v
         return func(*args, **kwargs)
 
 
