@@ -50,6 +50,7 @@ def test_chunks_train_and_score_each_document_once_on_one_and_two_ranks(tmp_path
     scores = {}
     for procs in (1, 2):
         r = ok(harness("evaluate", "--model", str(final), "--output", str(tmp_path / f"e{procs}"), procs=procs))
+        assert f"evaluated 41 examples on {procs} process(es)" in r.stderr
         scores[procs] = json.loads(r.stdout.strip().splitlines()[-1])
         rows = [json.loads(line) for line in (tmp_path / f"e{procs}" / "predictions.jsonl").read_text().splitlines()]
         assert len(rows) == 41 == len({p["id"] for p in rows}) and not any(p["truncated"] for p in rows)

@@ -175,6 +175,7 @@ def test_the_multi_label_recipe_tunes_its_threshold_and_predict_uses_it(tmp_path
     scores = {}
     for procs in (1, 2):
         r = ok(harness("evaluate", "--model", str(final), "--output", str(tmp_path / f"eval{procs}"), procs=procs))
+        assert f"evaluated 41 examples on {procs} process(es)" in r.stderr
         scores[procs] = json.loads(r.stdout.strip().splitlines()[-1])
         assert scores[procs]["threshold"] == trained["threshold"], "evaluate decides at the saved threshold"
         rows = [json.loads(line) for line in (tmp_path / f"eval{procs}" / "predictions.jsonl").read_text().splitlines()]
