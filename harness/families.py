@@ -36,11 +36,9 @@ class Family:
     """A causal decoder: pools the last token that is not padding, so its config must name the pad token."""
 
 
-_BERT = Family("BERT", "[CLS] through the pooler", ready_mask=True, base="bert", pooler=True)
-_ROBERTA = Family("RoBERTa", "<s>", ready_mask=True, base="roberta", positions_after_pad=True)
 FAMILIES = {
-    "bert": _BERT,
-    "roberta": _ROBERTA,
+    "bert": Family("BERT", "[CLS] through the pooler", ready_mask=True, base="bert", pooler=True),
+    "roberta": Family("RoBERTa", "<s>", ready_mask=True, base="roberta", positions_after_pad=True),
     "xlm-roberta": Family("XLM-RoBERTa", "<s>", ready_mask=True, base="roberta", positions_after_pad=True),
     "electra": Family("ELECTRA", "[CLS]", ready_mask=True, base="electra"),
     "albert": Family("ALBERT", "[CLS] through the pooler", ready_mask=True),

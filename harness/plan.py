@@ -131,7 +131,7 @@ def model_offline(cfg: Config) -> tuple[Optional[dict], Optional[tuple[int, int,
     family = check_model(cfg.model, cfg.data.max_length, tokenizer, mc)
     mask = mask_setting(cfg.model.attention_mask, family)
     about = {"family": family.name, "pooling": family.pooling, "padding": padding,
-             "attention_mask": f"{mask}" if mask == cfg.model.attention_mask else f"{mask} (its own mask handling)"}
+             "attention_mask": mask if mask == cfg.model.attention_mask else f"{mask} (its own mask handling)"}
     try:
         with torch.device("meta"):
             return about, model_shape(AutoModelForSequenceClassification.from_config(
