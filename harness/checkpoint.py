@@ -26,13 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-from accelerate.utils import load as accelerate_load
-
 from harness.distributed import failing_rank
 from harness.errors import BadInput, WriteFailed, first_line
 from harness.faults import NONE as NO_FAULTS, Faults
-from harness.safeload import check_pickles
 
 COMPLETE = "COMPLETE.json"
 PROGRESS = "progress.json"
@@ -51,7 +47,7 @@ class Progress:
     evals_without_improvement: int = 0  # early stopping's count (train.early_stopping_patience)
     world_size: int = 1
     global_batch: int = 0
-    sharding: Optional[str] = None  # DeepSpeed ZeRO / FSDP state is per rank: resume on world_size processes only
+    sharding: Optional[str] = None  # the parallelism that wrote it (distributed.sharding), None for DDP
 
     def advance(self, global_batch: int, epoch_size: int) -> None:
         """One optimizer step done: it consumed the epoch's next global batch (fewer at its end), all ranks together."""
@@ -168,14 +164,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def agree_on_load(accelerator, error: Optional[BadInput], checkpoint: Path) -> None:
-    """Collective: if loading failed on any rank, every rank raises BadInput (that rank with its own reason), so
-    that all of them exit together instead of some waiting for the others."""
-    rank = failing_rank(accelerator, error is not None)
-    if rank >= 0:
-        raise error or BadInput(f"checkpoint {checkpoint} cannot be loaded on rank {rank} (its own line says why)")
-
-
 def agree_on_write(accelerator, error: Optional[BaseException], path: Path, cleanup=None, keep: Optional[Path] = None) -> None:
     """Collective, after each phase of a write: if it failed on any rank, every rank raises WriteFailed
     (the rank it failed on with its own error), after the main process ran `cleanup`."""
@@ -272,42 +260,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
         raise
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(accelerator, checkpoint: Path, optimizer, saved_world_size: int) -> None:
-    """Every rank loads its state (model, optimizer, scheduler, RNG) from a complete checkpoint, or every rank
-    refuses it: a file that would run code when unpickled, the RNG state of a rank that wrote it missing or
-    unreadable (the resume would not be exact), or any load that fails, on any rank."""
-    agree_on_load(accelerator, loadable(checkpoint, accelerator.process_index, saved_world_size), checkpoint)
-    error = None
-    try:
-        accelerator.load_state(str(checkpoint))
-    except BaseException as e:  # a file that does not parse; FSDP2's checkpointing raises a BaseException of its own
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        error = BadInput(f"checkpoint {checkpoint} cannot be loaded: {first_line(e)}")
-    agree_on_load(accelerator, error, checkpoint)
-    for group in optimizer.param_groups:  # a train.cuda_graphs run saved it as a tensor (StepGraphs makes it one again)
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"] = float(group["lr"])
-
-
-def loadable(checkpoint: Path, rank: int, saved_world_size: int) -> Optional[BadInput]:
-    """Why this rank cannot load `checkpoint` exactly, or None. A rank beyond the world that wrote it (DDP resumed on
-    more processes) has no RNG state of its own there and starts from Accelerate's."""
-    try:
-        check_pickles(checkpoint, "checkpoint")
-    except BadInput as e:
-        return e
-    rng = checkpoint / f"random_states_{rank}.pkl"
-    if rank >= saved_world_size:
-        return None
-    try:
-        accelerate_load(rng)
-    except Exception as e:
-        return BadInput(f"checkpoint {checkpoint}: {rng.name} cannot be read ({first_line(e)}); without it the "
-                        f"resume would not be exact: resume from another checkpoint (train.resume=PATH)")
-    return None
 
 
 class Checkpointer:

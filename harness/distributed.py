@@ -118,18 +118,40 @@ def sharding(accelerator: Accelerator) -> str | None:
     return None
 
 
-def check_world_size(saved_world_size: int, saved_sharding: str | None, accelerator: Accelerator) -> None:
-    """DDP resumes on any world size (the data position is a sample count); sharded state does not.
+def resume_family(sharding_words: str | None) -> str:
+    """How a parallelism lays out its checkpoint: `DDP` (one process too: whole state, in Accelerate's files),
+    `FSDP2` (torch.distributed.checkpoint folders), `ZeRO-1/2` or `ZeRO-3` (DeepSpeed's per-rank partitions)."""
+    if sharding_words is None:
+        return "DDP"
+    if sharding_words.startswith("DeepSpeed"):
+        return "ZeRO-3" if sharding_words.startswith("DeepSpeed ZeRO-3") else "ZeRO-1/2"
+    return sharding_words.split()[0]
 
-    ZeRO partitions and FSDP's sharded checkpoints hold one shard of the optimizer state per rank, and each
-    rank's RNG state is saved under its rank: resuming them on another world size is refused, naming both.
-    """
-    what = saved_sharding or sharding(accelerator)
-    if what is not None and saved_world_size != accelerator.num_processes:
-        raise BadInput(
-            f"checkpoint was written by {saved_world_size} processes and {what} state is sharded per rank; "
-            f"resume it on {saved_world_size} processes (now {accelerator.num_processes})"
-        )
+
+def _on(family: str, world_size: int) -> str:
+    return "one process" if family == "DDP" and world_size == 1 else f"{family} on {world_size} processes"
+
+
+def resume_mode(saved_world_size: int, saved_sharding: str | None, world_size: int, sharding_words: str | None) -> str:
+    """What resuming a checkpoint written by `saved_world_size` processes under `saved_sharding` does on this
+    launch, in words, or BadInput when it cannot be done:
+    - the same layout and world size: `same world size`;
+    - DDP on another world size: its state is whole, only the data position (a sample count) matters;
+    - FSDP2 on another world size: torch.distributed.checkpoint reads the shards onto the new mesh;
+    - between DDP (or one process) and FSDP2: through the consolidated training state (harness.resume);
+    - DeepSpeed ZeRO partitions on another world size or from another layout: refused."""
+    old, new = resume_family(saved_sharding), resume_family(sharding_words)
+    if old == new and saved_world_size == world_size:
+        return "same world size"
+    if old == new and old in ("DDP", "FSDP2"):
+        return f"resharded from {saved_world_size} to {world_size} processes"
+    if {old, new} <= {"DDP", "FSDP2"}:
+        return f"converted from {_on(old, saved_world_size)} to {_on(new, world_size)}"
+    written = saved_sharding or ("DDP" if saved_world_size > 1 else "one process")
+    now = sharding_words or ("DDP" if world_size > 1 else "one process")
+    raise BadInput(f"checkpoint was written by {saved_world_size} processes under {written}; DeepSpeed ZeRO state "
+                   f"resumes only under the same ZeRO layout and world size, not under {now} on {world_size} "
+                   f"(resume it on {saved_world_size} processes with that launch config)")
 
 
 def read_deepspeed_json(path: str) -> dict:

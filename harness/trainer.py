@@ -23,11 +23,11 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from harness.attention import make_unpadded
-from harness.checkpoint import Checkpointer, Progress, latest_checkpoint, load_checkpoint, read_progress
+from harness.checkpoint import Checkpointer, Progress, latest_checkpoint, read_progress
 from harness.config import Config
 from harness.data import StepBatchSampler, size, training_data
-from harness.distributed import (build_accelerator, check_world_size, collective_timeout, configure_deepspeed,
-                                 configure_fsdp, device_name, record_deepspeed_config, sharding)
+from harness.distributed import (build_accelerator, collective_timeout, configure_deepspeed,
+                                 configure_fsdp, device_name, record_deepspeed_config, resume_mode, sharding)
 from harness.errors import TrainingDiverged, WriteFailed
 from harness.evaluation import Evaluator
 from harness.export import Exporter, copy_model
@@ -39,6 +39,7 @@ from harness.modeling import (check_model, compile_model, enable_gradient_checkp
                               load_tokenizer, peak_flops)
 from harness.optim import build_optimizer, lr_schedule
 from harness.precision import MasterWeights, bf16_master_weights, precision_in_words
+from harness.resume import load_checkpoint
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule
 from harness.stepper import Stepper, fast_dropout
@@ -143,10 +144,11 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
     model, optimizer, scheduler, eval_dl = acc.prepare(model, optimizer, scheduler, eval_dl)
     record_deepspeed_config(acc, run.deepspeed_config)
     if checkpoint:
-        check_world_size(state.world_size, state.sharding, acc)
-        load_checkpoint(acc, checkpoint, optimizer, state.world_size)
-        ctx.say(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
+        mode = resume_mode(state.world_size, state.sharding, acc.num_processes, sharding(acc))
+        rng = load_checkpoint(acc, checkpoint, model, optimizer, scheduler, state, mode, t.seed)
+        ctx.say(f"resumed from {checkpoint} ({mode}): step {state.step}, epoch {state.epoch}, "
                 f"{state.position} of {len(train_ds)} examples of the epoch done")
+        ctx.say(rng)
     ctx.log = MetricsLog(acc, run, cfg, resume_step=state.step if checkpoint else None)
     guard = NonFiniteGuard(acc, functools.partial(latest_checkpoint, run.root), ctx.faults)
     meter = Throughput(acc, model_flops, peak_flops(t.peak_flops))

@@ -1,4 +1,4 @@
-"""harness.distributed on its own: DeepSpeed value filling, the sharded world-size rule, FSDP2 units, stop flag."""
+"""harness.distributed on its own: DeepSpeed value filling, what a resume does, FSDP2 units, stop flag."""
 
 import signal
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from harness.recipes import load_config
-from harness.distributed import check_world_size, configure_fsdp, deepspeed_values, fill_deepspeed
+from harness.distributed import configure_fsdp, resume_mode, deepspeed_values, fill_deepspeed
 from harness.guards import StopFlag
 from harness.errors import BadInput
 
@@ -23,13 +23,27 @@ def test_deepspeed_values_fill_auto_and_refuse_contradictions():
         deepspeed_values({"optimizer": {}}, "z.json", t, world_size=4)
 
 
-def test_a_sharded_checkpoint_resumes_only_on_its_world_size():
-    plain = SimpleNamespace(num_processes=1, state=SimpleNamespace(deepspeed_plugin=None), distributed_type=None)
-    check_world_size(2, None, plain)  # DDP: any world size
-    with pytest.raises(BadInput, match=r"written by 2 processes and FSDP2 \(full sharding\) state is sharded per rank; "
-                                       r"resume it on 2 processes \(now 1\)"):
-        check_world_size(2, "FSDP2 (full sharding)", plain)
-    check_world_size(1, "FSDP2 (full sharding)", plain)
+@pytest.mark.parametrize("saved, saved_ws, now, ws, expected", [
+    (None, 2, None, 2, "same world size"),
+    (None, 2, None, 1, "resharded from 2 to 1 processes"),
+    ("FSDP2 (full sharding)", 2, "FSDP2 (gradient/optimizer sharding)", 4, "resharded from 2 to 4 processes"),
+    ("FSDP2 (full sharding)", 2, None, 1, "converted from FSDP2 on 2 processes to one process"),
+    (None, 2, "FSDP2 (full sharding, CPU offload)", 2, "converted from DDP on 2 processes to FSDP2 on 2 processes"),
+    ("DeepSpeed ZeRO-2", 2, "DeepSpeed ZeRO-1", 2, "same world size"),  # the same partitions on disk
+    ("DeepSpeed ZeRO-3 (offload: optimizer, param)", 4, "DeepSpeed ZeRO-3", 4, "same world size"),
+])
+def test_what_a_resume_does_from_the_parallelism_and_world_size_that_wrote_it(saved, saved_ws, now, ws, expected):
+    assert resume_mode(saved_ws, saved, ws, now) == expected
+
+
+@pytest.mark.parametrize("saved, saved_ws, now, ws", [
+    ("DeepSpeed ZeRO-2", 2, "DeepSpeed ZeRO-2", 1), ("DeepSpeed ZeRO-3", 2, "DeepSpeed ZeRO-2", 2),
+    ("DeepSpeed ZeRO-2", 2, "FSDP2 (full sharding)", 2), (None, 2, "DeepSpeed ZeRO-3", 2)])
+def test_deepspeed_state_on_another_world_size_or_layout_is_refused_in_one_line(saved, saved_ws, now, ws):
+    with pytest.raises(BadInput, match=r"^checkpoint was written by 2 processes under .*; DeepSpeed ZeRO state resumes "
+                                       r"only under the same ZeRO layout and world size") as e:
+        resume_mode(saved_ws, saved, ws, now)
+    assert "\n" not in str(e.value)
 
 
 def test_fsdp_units_are_the_layers_not_the_module_holding_the_embeddings(tiny_model):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
-from harness.checkpoint import loadable
+from harness.resume import loadable
 from tests.helpers import REPO, launch, ok, pickles_in, plant, write_config
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ LAYERS = [
     ("recipes", "schedule", "families", "tasks"),
     ("sources", "optim", "dropout", "attention", "modeling", "distributed", "graphs"),
     ("data", "precision", "checkpoint", "guards", "tracking"),
-    ("lock", "export", "evaluation", "stepper"),
+    ("lock", "export", "evaluation", "stepper", "resume"),
     ("run_folder", "inference", "report", "reference"),
     ("trainer", "plan"),
     ("cli",),
