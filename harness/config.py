@@ -185,6 +185,10 @@ class TrainConfig:
     report_to: Union[str, list[str]] = "tensorboard"
     """Experiment trackers through Accelerate: `tensorboard`, `wandb`, `mlflow`, `comet_ml`, `aim`, `clearml`,
     `dvclive` (one or a list; each must be installed), or `none`. metrics.jsonl is always written."""
+    record_examples: bool = False
+    """Log each optimizer step's training examples (their indices in the training set as harness builds it, in
+    the step's global order across ranks) to metrics.jsonl as `train/examples`: which examples a step saw, for
+    audits of data order across resumes and world sizes. One gather per step."""
     sync_debug: bool = False
     """Count host-device synchronisations inside training steps and print the total at the end (CUDA only): a
     step that waits for the GPU wastes it."""

@@ -53,6 +53,7 @@ def subset(ds: Dataset, n: Optional[int], label_column: str, seed: int) -> Datas
     return ds.select(sorted(np.random.default_rng(seed).choice(len(ds), size=n, replace=False).tolist()))
 
 
+INDEX = "index"  # train.record_examples: an example's index in the training set
 ROW = "__harness_row"  # the example's row in its split, before any subset: the `id` of harness evaluate's predictions
 
 
@@ -309,12 +310,17 @@ def training_data(cfg, tokenizer, accelerator):
     # Each new padded length costs attention plans and compiled graphs on GPUs: few lengths there.
     multiple = pad_multiple(d.pad_multiple, t.compile, accelerator.device.type == "cuda")
     collate = Collator(pad_token_id(tokenizer), multiple, max_length=d.max_length, unpadded=m.unpadded)
+    train_collate = collate
+    if t.record_examples:  # each example's index travels with it, so the loop logs what it was given
+        train_ds = train_ds.add_column(INDEX, list(range(len(train_ds))))
+        train_collate = Collator(pad_token_id(tokenizer), multiple, extras=(INDEX,), max_length=d.max_length,
+                                 unpadded=m.unpadded)
     sampler = StepBatchSampler(train_ds["length"], t.per_device_batch_size, t.grad_accum_steps,
                                accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length)
     # Not passed to prepare(): the sampler already gives each rank its own batches. The loaders get their
     # own generators so that starting one never draws from the global RNG (dropout) stream: resumed
     # runs then see exactly the random numbers of an uninterrupted one.
-    train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
+    train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_collate, num_workers=d.num_workers,
                           pin_memory=torch.cuda.is_available(), generator=torch.Generator())
     eval_dl = eval_dataloader(eval_ds, eval_batch_size(t), collate, d.num_workers)
     return train_ds, eval_ds, sampler, train_dl, eval_dl

@@ -40,7 +40,7 @@ from harness.recipes import read_yaml_file
 # Keys that change how a run is driven or recorded, not what it trains: a resume may change them.
 NEUTRAL_KEYS = {
     ("train", k) for k in ("output_dir", "overwrite", "log_every", "eval_batch_size", "save_every", "keep_last",
-                           "resume", "best_metric", "peak_flops", "sync_debug", "report_to", "stall_timeout_s",
+                           "resume", "best_metric", "peak_flops", "sync_debug", "record_examples", "report_to", "stall_timeout_s",
                            "cuda_graphs")  # how the same steps are launched: a run resumes with or without graphs
 } | {("data", "num_workers")}
 

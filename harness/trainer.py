@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
 from harness.attention import make_unpadded
 from harness.checkpoint import Checkpointer, Progress, latest_checkpoint, read_progress
 from harness.config import Config
-from harness.data import StepBatchSampler, size, training_data
+from harness.data import INDEX, StepBatchSampler, size, training_data
 from harness.distributed import (build_accelerator, collective_timeout, configure_deepspeed,
                                  configure_fsdp, device_name, record_deepspeed_config, resume_mode, sharding)
 from harness.errors import TrainingDiverged, WriteFailed
@@ -233,6 +233,14 @@ def optimizer_steps(loader: DataLoader, grad_accum: int) -> Iterator[list[dict]]
         yield group
 
 
+def record_examples(accelerator, log: MetricsLog, step: int, micro_batches: list[dict]) -> None:
+    """train.record_examples, collective: the step's example indices in its global order (micro-batch a of rank r
+    is the step's (a * world_size + r)-th part, as StepBatchSampler cuts it) as `train/examples`."""
+    mine = [[int(i) for i in batch[INDEX]] for batch in micro_batches]
+    everyone = gather_object([mine])  # one entry per rank, in rank order
+    log.log(step, {"train/examples": [i for a in range(len(mine)) for rank in everyone for i in rank[a]]})
+
+
 def fit(p: Parts, ctx: RunContext) -> dict:
     state, t = p.state, p.cfg.train
     p.stepper.model.train()
@@ -241,6 +249,8 @@ def fit(p: Parts, ctx: RunContext) -> dict:
     while state.step < p.total_steps and not p.evaluator.stop_early(state):
         for micro_batches in optimizer_steps(p.loader, t.grad_accum_steps):
             p.stepper.step(micro_batches, state.step + 1)
+            if t.record_examples:
+                record_examples(p.stepper.accelerator, ctx.log, state.step + 1, micro_batches)
             stopping = ctx.stop.should_stop()  # every rank at every step: a collective
             state.advance(p.sampler.global_batch, p.epoch_size)
             ctx.watchdog.beat(state.step)

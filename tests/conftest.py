@@ -69,7 +69,8 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 
 @pytest.fixture(scope="session")
 def ddp_ten_steps(tmp_path_factory):
-    """The reference for the sharded runs: 10 steps of DDP on 2 gloo ranks, batch 4 per rank, fp32.
+    """The reference for the sharded runs: 10 steps of DDP on 2 gloo ranks, batch 4 per rank, fp32, a checkpoint
+    at step 5, each step's examples in metrics.jsonl.
 
     Returns (config, output folder); the sharded tests train the same config into their own folders. The
     tests that use it sit in three modules, which the suite's `--dist loadfile` may give to different workers,
@@ -78,7 +79,8 @@ def ddp_ten_steps(tmp_path_factory):
     def build(tmp):
         model = tiny_bert(tmp / "tiny-bert")
         cfg = write_config(tmp / "c.yaml", model, tmp / "ddp",
-                           data={"train_samples": 48}, train={"max_steps": 10, "lr": 3e-3, "eval_every": 100})
+                           data={"train_samples": 48}, train={"max_steps": 10, "lr": 3e-3, "eval_every": 100,
+                                                              "save_every": 5, "record_examples": True})
         ok(harness("train", "--config", str(cfg), procs=2))
 
     tmp = built_once(tmp_path_factory, "ddp", build)

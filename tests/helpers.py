@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,16 @@ def assert_same_losses(straight: Path, resumed: Path, steps: range, tol: float =
     assert sorted(after) == list(steps)
     for step in after:
         assert after[step] == pytest.approx(before[step], abs=tol), f"step {step}: {before[step]} vs {after[step]}"
+
+
+def assert_same_weights(final: Path, reference: Path, tol: float = 1e-5) -> None:
+    """Two exports hold the same tensors, equal within fp32 tolerance."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(final / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.allclose(x[k].float(), y[k].float(), atol=tol, rtol=0), f"{k}: {(x[k] - y[k]).abs().max()}"
 
 
 def assert_export_matches(final: Path, reference: Path, recipe: Path) -> None:

@@ -67,8 +67,15 @@ def test_zero2_save_stop_resume_continues_with_the_same_losses(runs):
     resumed = tmp / "zero2_resumed"
     r = ok(launch(tmp / "deepspeed_zero2_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={resumed}",
                   f"train.resume={ckpt}", procs=2))
-    assert "resumed from" in r.stdout
+    assert "resumed from" in r.stdout and "(same world size)" in r.stdout
     assert_same_losses(tmp / "zero2", resumed, range(6, 11))
+
+    # ZeRO partitions on another world size: refused in one line, before any state loads (README, "World size on resume")
+    r = launch(tmp / "deepspeed_zero2_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={tmp / 'one'}",
+               f"train.resume={ckpt}", procs=1)
+    assert r.returncode != 0 and "exitcode  : 2" in r.stderr
+    assert ("harness: error: checkpoint was written by 2 processes under DeepSpeed ZeRO-2; DeepSpeed ZeRO state "
+            "resumes only under the same ZeRO layout and world size, not under DeepSpeed ZeRO-2 on 1") in r.stderr
 
 
 def test_a_contradicting_deepspeed_json_is_refused_with_exit_2(tmp_path, tiny_model):

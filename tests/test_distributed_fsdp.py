@@ -5,9 +5,11 @@ both sides (bf16 parameters round differently from DDP's bf16 autocast, far beyo
 add `--mixed_precision no`, which under FSDP is the launch config's own precision setting.
 """
 
+import json
 
 import pytest
-from tests.helpers import REPO, assert_export_matches, assert_same_losses, launch, losses, ok
+from tests.helpers import (REPO, assert_export_matches, assert_same_losses, assert_same_weights, harness, launch,
+                           losses, ok)
 
 pytestmark = pytest.mark.slow
 
@@ -51,19 +53,70 @@ def test_fsdp2_export_is_gathered_whole_and_scores_the_same_after_reload(runs):
     assert_export_matches(tmp / "full_shard" / "final", ddp_out / "final", cfg)  # the same 10 steps as DDP
 
 
-def test_fsdp2_resume_continues_with_the_same_losses_and_refuses_another_world_size(runs):
+def test_fsdp2_resume_continues_with_the_same_losses(runs):
     cfg, tmp, _, _ = runs
     ckpt = tmp / "full_shard" / "checkpoints" / "step-00000005"
     resumed = tmp / "resumed"
     r = ok(launch(LAUNCH / "fsdp2_full_shard.yaml", "train", "--config", str(cfg), f"train.output_dir={resumed}",
                   f"train.resume={ckpt}", procs=2, launch_args=FP32))
-    assert "resumed from" in r.stdout
+    assert "(same world size)" in r.stdout and "RNG: ranks 0-1 continue the saved streams" in r.stdout
     assert_same_losses(tmp / "full_shard", resumed, range(6, 11))
 
-    # Sharded optimizer state and per-rank RNG: the same world size or nothing (README, "Choosing a launch config").
-    r = launch(LAUNCH / "fsdp2_full_shard.yaml", "train", "--config", str(cfg), f"train.output_dir={tmp / 'one'}",
-               f"train.resume={ckpt}", procs=1, launch_args=FP32)
-    assert r.returncode != 0
-    assert ("harness: error: checkpoint was written by 2 processes and FSDP2 (full sharding) state is sharded per "
-            "rank; resume it on 2 processes (now 1)") in r.stderr
-    assert "exitcode  : 2" in r.stderr
+
+def examples(out) -> dict[int, list[int]]:
+    """train.record_examples: each step's example indices in the step's global order."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/examples"] for r in rows if "train/examples" in r}
+
+
+def test_fsdp2_on_2_ranks_resumes_on_1_as_a_ddp_checkpoint_does(runs):
+    """Written by FSDP2 on 2 ranks, resumed under the same launch config on 1 process (which holds the whole
+    state: converted); the reference is DDP's step-5 checkpoint of the same run resumed on 1 process. Both take
+    the same examples in the same order, and no example of the epoch is skipped or seen twice across the resume;
+    the losses of the 5 steps after it agree, and so do the weights after them (the optimizer's moments and step
+    counts were carried: a reset would change the first update)."""
+    cfg, tmp, ddp, _ = runs
+    fsdp_one, ddp_one = tmp / "fsdp2-to-one", tmp / "ddp-to-one"
+    r = ok(launch(LAUNCH / "fsdp2_full_shard.yaml", "train", "--config", str(cfg), f"train.output_dir={fsdp_one}",
+                  f"train.resume={tmp / 'full_shard' / 'checkpoints' / 'step-00000005'}", procs=1, launch_args=FP32))
+    assert "1 process(es)" in r.stdout and "(converted from FSDP2 on 2 processes to one process)" in r.stdout
+    assert "RNG: rank 0 continues the saved streams; the streams of rank 1 (gone) are not used" in r.stdout
+    reference = ok(harness("train", "--config", str(cfg), f"train.output_dir={ddp_one}",
+                           f"train.resume={ddp / 'checkpoints' / 'step-00000005'}"))
+    assert "(resharded from 2 to 1 processes)" in reference.stdout
+    assert examples(fsdp_one) == examples(ddp_one) and sorted(examples(fsdp_one)) == list(range(6, 11))
+    before, after = examples(tmp / "full_shard"), examples(fsdp_one)
+    epoch0 = [i for s in range(1, 6) for i in before[s]] + after[6] + after[7]  # 5 x 8, then 2 x 4: 48 examples
+    assert sorted(epoch0) == list(range(48)), "the epoch's examples, each once across the resume"
+    assert_same_losses(ddp_one, fsdp_one, range(6, 11))
+    assert_same_weights(fsdp_one / "final", ddp_one / "final")
+
+
+def test_ddp_on_2_ranks_resumes_under_fsdp2_on_2(runs):
+    cfg, tmp, ddp, _ = runs
+    out = tmp / "ddp-to-fsdp2"
+    r = ok(launch(LAUNCH / "fsdp2_full_shard.yaml", "train", "--config", str(cfg), f"train.output_dir={out}",
+                  f"train.resume={ddp / 'checkpoints' / 'step-00000005'}", procs=2, launch_args=FP32))
+    assert "2 process(es)" in r.stdout and "(converted from DDP on 2 processes to FSDP2 on 2 processes)" in r.stdout
+    assert {s: e for s, e in examples(ddp).items() if s > 5} == examples(out)
+    assert_same_losses(ddp, out, range(6, 11))
+    assert_same_weights(out / "final", ddp / "final")
+
+
+def test_one_process_resumes_under_fsdp2_on_2_as_under_ddp_on_2(runs):
+    """1 -> 2: a checkpoint of one process, resumed by FSDP2 on 2 ranks (converted) and by DDP on 2 ranks
+    (resharded, the reference): rank 1 is new in both, and seeds its RNG from train.seed, its rank and the step."""
+    cfg, tmp, _, _ = runs
+    one = tmp / "one"
+    ok(harness("train", "--config", str(cfg), f"train.output_dir={one}"))
+    ckpt = one / "checkpoints" / "step-00000005"
+    out, reference = tmp / "one-to-fsdp2", tmp / "one-to-ddp"
+    r = ok(launch(LAUNCH / "fsdp2_full_shard.yaml", "train", "--config", str(cfg), f"train.output_dir={out}",
+                  f"train.resume={ckpt}", procs=2, launch_args=FP32))
+    assert "2 process(es)" in r.stdout and "(converted from one process to FSDP2 on 2 processes)" in r.stdout
+    assert ("RNG: rank 0 continues the saved streams; new rank 1 starts from streams seeded by train.seed, the rank "
+            "and step 5") in r.stdout
+    ok(harness("train", "--config", str(cfg), f"train.output_dir={reference}", f"train.resume={ckpt}", procs=2))
+    assert examples(out) == examples(reference) and sorted(examples(out)) == list(range(6, 11))
+    assert_same_losses(reference, out, range(6, 11))
+    assert_same_weights(out / "final", reference / "final")
