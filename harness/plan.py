@@ -22,7 +22,9 @@ from accelerate.commands.config.config_args import load_config_from_file
 from transformers import AutoModelForSequenceClassification
 
 from harness.config import Config
-from harness.distributed import describe_fsdp, describe_zero, deepspeed_values, fill_deepspeed, read_deepspeed_json
+from harness.checkpoint import read_progress
+from harness.distributed import (deepspeed_values, describe_fsdp, describe_zero, fill_deepspeed, read_deepspeed_json,
+                                 resume_mode)
 from harness.errors import BadInput, first_line
 from harness.graphs import check_config as check_graphs_config
 from harness.families import mask_setting, pad_token
@@ -161,6 +163,11 @@ def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] 
     schedule.check_cadence(t)
     folder = RunFolder(t.output_dir)
     start, checkpoint = folder.decide(cfg)
+    resume = None
+    if start == "resume":  # what loading it on this launch does; refused here as `train` would refuse it
+        saved = read_progress(checkpoint)
+        resume = resume_mode(saved.world_size, saved.sharding, world.processes,
+                             None if world.parallelism == "DDP" else world.parallelism)
 
     flops = None
     about, shape = model_offline(cfg)
@@ -175,6 +182,7 @@ def plan(cfg: Config, launch_config: Optional[str] = None, nodes: Optional[int] 
         "world": world, "global_batch": schedule.global_batch, "train_examples": train_text, "eval_examples": eval_text,
         "steps_per_epoch": schedule.steps_per_epoch, "total_steps": schedule.total_steps,
         "epochs": schedule.total_steps / schedule.steps_per_epoch, "warmup": schedule.warmup, "deepspeed": ds_resolved, "flops": flops, "start": start, "checkpoint": checkpoint,
+        "resume": resume,
         "lock": folder.lock_status(), "model": about,
     }
 
@@ -185,7 +193,7 @@ def describe(cfg: Config, p: dict) -> str:
     save_at = {None: "only when stopped by a signal", "epoch": "end of every epoch"}.get(
         t.save_every, f"every {t.save_every} steps")
     start = {"fresh": "fresh start", "finished": "already finished (nothing to do)"}.get(
-        p["start"], f"resume from {p['checkpoint']}")
+        p["start"], f"resume from {p['checkpoint']} ({p['resume']})")
     lines = [
         f"world size      {w.nodes} node(s) x {w.processes // w.nodes} process(es) = {w.processes} processes  [{w.source}]",
         f"precision       {w.mixed_precision}" + (f" (from {w.deepspeed_json})" if w.deepspeed_json else " (from the launch config)"),

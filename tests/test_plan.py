@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from harness.cli import main
-from tests.helpers import REPO, write_config
+from tests.helpers import REPO, harness, ok, write_config
 
 LAUNCH = sorted((REPO / "launch_configs" / "accelerate").glob("*.yaml"))
 
@@ -144,3 +144,26 @@ def test_plan_describes_fsdp2_and_deepspeed_precision_from_the_json(capsys, monk
                         "launch_configs/accelerate/deepspeed_zero3_offload.yaml", f"train.output_dir={tmp_path / 'q'}")
     assert code == 0 and "parallelism     DeepSpeed ZeRO-3 (offload: optimizer, param)" in out
     assert "precision       bf16 (from launch_configs/deepspeed/zero3_offload.json)" in out
+
+
+@pytest.mark.slow
+def test_plan_says_what_a_resume_will_do_on_the_launch_it_is_given(capsys, monkeypatch, tmp_path, tiny_model):
+    """A 2-rank DDP run, as if preempted after its step-4 checkpoint: resumed on 2 or 1 processes, under FSDP2,
+    or refused under DeepSpeed ZeRO, in the plan's one line, as `train` would do it."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, run, data={"train_samples": 48},
+                       train={"max_steps": 4, "eval_every": 2, "save_every": 4})
+    assert "2 process(es)" in ok(harness("train", "--config", str(cfg), procs=2)).stdout
+    shutil.rmtree(run / "final")
+    monkeypatch.chdir(REPO)
+    fsdp2 = str(REPO / "launch_configs" / "accelerate" / "fsdp2_full_shard.yaml")
+    for launch, procs, expected in ((None, 2, "(same world size)"), (None, 1, "(resharded from 2 to 1 processes)"),
+                                    (fsdp2, 2, "(converted from DDP on 2 processes to FSDP2 on 2 processes)")):
+        world = ["--launch-config", launch] if launch else []
+        code, out, err = plan(capsys, "--config", str(cfg), *world, "--nodes", "1", "--gpus-per-node", str(procs))
+        assert code == 0, err
+        assert f"resume from {run / 'checkpoints' / 'step-00000004'} {expected}" in out
+    code, out, err = plan(capsys, "--config", str(cfg), "--launch-config",
+                          str(REPO / "launch_configs" / "accelerate" / "deepspeed_zero2.yaml"))
+    assert code == 2 and err.count("\n") == 1
+    assert "checkpoint was written by 2 processes under DDP; DeepSpeed ZeRO state resumes only under" in err
