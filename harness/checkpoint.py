@@ -142,6 +142,17 @@ def read_progress(path: Path) -> Progress:
 # ---------------------------------------------------------------- writing
 
 
+def write_manifest(folder: Path, about: dict, before=lambda: None) -> None:
+    """Sync every file of `folder`, then write its COMPLETE.json (`about` and each file's size) last; `before`
+    runs just before that (a test's fault)."""
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    for rel in files:
+        with open(folder / rel, "rb") as fh:
+            os.fsync(fh.fileno())
+    before()
+    _fsync_write(folder / COMPLETE, json.dumps({**about, "files": files}, indent=2))
+
+
 def replace_file(path: Path, text: str) -> None:
     """Write `text` beside `path` and rename it into place: a reader sees the old file or the new, whole."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -215,12 +226,7 @@ def save_checkpoint(accelerator, out: Path, progress: Progress, keep_last: int, 
                 f.write(json.dumps(asdict(progress), indent=2))
                 f.flush()
                 os.fsync(f.fileno())
-            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            for rel in files:
-                with open(tmp / rel, "rb") as fh:
-                    os.fsync(fh.fileno())
-            faults.write("complete", rank, step)
-            _fsync_write(tmp / COMPLETE, json.dumps({"step": progress.step, "files": files}, indent=2))
+            write_manifest(tmp, {"step": progress.step}, lambda: faults.write("complete", rank, step))
             faults.write("rename", rank, step)
             replace_dir(tmp, final)
             _fsync_dir(final.parent)
@@ -241,6 +247,10 @@ def prune(out: Path, keep_last: int) -> None:
     newest = complete[-1] if complete else None
     for p in (Path(out) / "checkpoints").glob("step-*"):
         if p.is_dir() and p not in complete and (newest is None or p.name < newest.name):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in (Path(out) / "checkpoints").glob("universal-step-*"):  # a converted copy goes with its checkpoint
+        source = p.parent / p.name.removeprefix("universal-").removesuffix(".tmp")
+        if p.is_dir() and not source.is_dir():
             shutil.rmtree(p, ignore_errors=True)
 
 

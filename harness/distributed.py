@@ -139,19 +139,21 @@ def resume_mode(saved_world_size: int, saved_sharding: str | None, world_size: i
     - DDP on another world size: its state is whole, only the data position (a sample count) matters;
     - FSDP2 on another world size: torch.distributed.checkpoint reads the shards onto the new mesh;
     - between DDP (or one process) and FSDP2: through the consolidated training state (harness.resume);
-    - DeepSpeed ZeRO partitions on another world size or from another layout: refused."""
+    - DeepSpeed ZeRO on another world size: through DeepSpeed's universal checkpoint, converted once beside it;
+    - between ZeRO and another layout (ZeRO-1/2 and ZeRO-3 included): refused."""
     old, new = resume_family(saved_sharding), resume_family(sharding_words)
     if old == new and saved_world_size == world_size:
         return "same world size"
-    if old == new and old in ("DDP", "FSDP2"):
-        return f"resharded from {saved_world_size} to {world_size} processes"
+    if old == new:  # ZeRO partitions go through DeepSpeed's universal layout (harness.resume)
+        how = "" if old in ("DDP", "FSDP2") else " through DeepSpeed's universal checkpoint"
+        return f"resharded from {saved_world_size} to {world_size} processes{how}"
     if {old, new} <= {"DDP", "FSDP2"}:
         return f"converted from {_on(old, saved_world_size)} to {_on(new, world_size)}"
     written = saved_sharding or ("DDP" if saved_world_size > 1 else "one process")
     now = sharding_words or ("DDP" if world_size > 1 else "one process")
     raise BadInput(f"checkpoint was written by {saved_world_size} processes under {written}; DeepSpeed ZeRO state "
-                   f"resumes only under the same ZeRO layout and world size, not under {now} on {world_size} "
-                   f"(resume it on {saved_world_size} processes with that launch config)")
+                   f"resumes only under the same ZeRO layout, not under {now} (resume it with the launch config "
+                   f"that wrote it)")
 
 
 def read_deepspeed_json(path: str) -> dict:

@@ -22,7 +22,11 @@ file read is a safetensors file, a weights-only torch load or DCP data whose met
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import random
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +42,7 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-from harness.checkpoint import Progress
+from harness.checkpoint import Progress, replace_dir, verify, write_manifest
 from harness.distributed import failing_rank, resume_family
 from harness.errors import BadInput, first_line
 from harness.safeload import check_pickles
@@ -46,6 +50,8 @@ from harness.safeload import check_pickles
 WHOLE = {"model": "model.safetensors", "optimizer": "optimizer.bin"}  # Accelerate's names for the first model/optimizer
 DCP = {"model": "pytorch_model_fsdp_0", "optimizer": "optimizer_0"}
 SCHEDULER = "scheduler.bin"
+DEEPSPEED_TAG = "pytorch_model"  # the folder Accelerate's save_state gives DeepSpeed's own checkpoint
+UNIVERSAL_WORDS = "through DeepSpeed's universal checkpoint"  # distributed.resume_mode's words for that path
 
 
 @dataclass
@@ -130,7 +136,10 @@ def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, scheduler, 
     agree_on_load(accelerator, loadable(checkpoint, accelerator.process_index, saved.world_size), checkpoint)
     error = None
     try:
-        if mode.startswith("converted"):
+        if mode.endswith(UNIVERSAL_WORDS):
+            load_universal(universal_copy(accelerator, checkpoint), model, optimizer, scheduler,
+                           torch.load(checkpoint / SCHEDULER, weights_only=True))
+        elif mode.startswith("converted"):
             family = resume_family(saved.sharding)
             unwrapped = accelerator.unwrap_model(model)
             state = read_state(checkpoint, family, group_names(unwrapped, getattr(optimizer, "optimizer", optimizer)))
@@ -146,6 +155,61 @@ def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, scheduler, 
         if isinstance(group["lr"], torch.Tensor):
             group["lr"] = float(group["lr"])
     return restore_rng(checkpoint, accelerator.process_index, accelerator.num_processes, saved, seed)
+
+
+def universal_copy(accelerator, checkpoint: Path) -> Path:
+    """DeepSpeed's universal layout of a ZeRO checkpoint (each parameter's fp32 weights and Adam moments whole),
+    which loads on any world size: converted by the main process beside the checkpoint, never in it, as
+    checkpoints/universal-step-N/ (written under a .tmp name, its manifest written last and verified, then
+    renamed), and reused by the next resume. Collective: every rank gets the path or BadInput."""
+    from deepspeed.checkpoint import ds_to_universal  # DeepSpeed is optional: only a ZeRO run gets here
+
+    target = checkpoint.parent / f"universal-{checkpoint.name}"
+    error = None
+    if accelerator.is_main_process and verify(target) is not None:
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's progress lines; its errors still raise
+                ds_to_universal.main(argparse.Namespace(
+                    input_folder=str(checkpoint / DEEPSPEED_TAG), output_folder=str(tmp / DEEPSPEED_TAG),
+                    num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                    inject_missing_state=True))  # one worker: in this process (no pool forked from a rank)
+            write_manifest(tmp, {"converted_from": checkpoint.name})
+            reason = verify(tmp)
+            if reason:
+                raise OSError(f"the converted copy does not verify: {reason}")
+            replace_dir(tmp, target)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = BadInput(f"checkpoint {checkpoint}: DeepSpeed's universal conversion failed: {first_line(e)}")
+    agree_on_load(accelerator, error, checkpoint)
+    check_pickles(target, "converted checkpoint")  # a reused copy is a file like any other: checked before it loads
+    return target
+
+
+def load_universal(universal: Path, engine, optimizer, scheduler, schedule: dict) -> None:
+    """The DeepSpeed engine's model and ZeRO optimizer state from a universal copy, partitioned for this world size
+    (DeepSpeed reads the layout when its config says so: set for this load only), then the schedule. DeepSpeed
+    gives every parameter group the first group's hyperparameters from the copy (under ZeRO-3 at least), which
+    would put weight decay on biases and LayerNorm: each group gets its own back, as this run built it from the
+    config, with its learning rate where the schedule stands, and its own step count."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    config = engine._config
+    config.load_universal_checkpoint = True
+    try:
+        path, _ = engine.load_checkpoint(str(universal), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
+    finally:
+        config.load_universal_checkpoint = False
+    if path is None:
+        raise BadInput(f"{universal}: DeepSpeed found no checkpoint to load there")
+    scheduler.load_state_dict(schedule)
+    for group, own, lr in zip(optimizer.param_groups, groups, scheduler.get_last_lr()):
+        group.update({**own, "lr": lr})
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's
+    for state in base.state.values():  # ZeRO-3's load gives every group one step tensor: each update would add to it
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def restore_rng(checkpoint: Path, rank: int, world_size: int, saved: Progress, seed: int) -> str:
