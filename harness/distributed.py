@@ -109,7 +109,8 @@ def describe_fsdp(version, reshard_after_forward: bool, offload: bool) -> str:
 def sharding(accelerator: Accelerator) -> str | None:
     """What the launch config shards, in words (None for DDP or one process): for logs and the world-size rule."""
     if accelerator.state.deepspeed_plugin is not None:
-        return describe_zero(accelerator.deepspeed_config.get("zero_optimization") or {})
+        config = accelerator.state.deepspeed_plugin.deepspeed_config  # before `prepare` too
+        return describe_zero(config.get("zero_optimization") or {})
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is not None and accelerator.distributed_type == DistributedType.FSDP:
         policy = plugin.cpu_offload  # FSDP2: CPUOffloadPolicy or a plain OffloadPolicy (no offload); FSDP1: CPUOffload
@@ -128,32 +129,35 @@ def resume_family(sharding_words: str | None) -> str:
     return sharding_words.split()[0]
 
 
-def _on(family: str, world_size: int) -> str:
-    return "one process" if family == "DDP" and world_size == 1 else f"{family} on {world_size} processes"
+FAMILIES = ("DDP", "FSDP2", "ZeRO-1/2", "ZeRO-3")  # what harness.resume can read and write
+
+
+def _on(sharding_words: str | None, world_size: int) -> str:
+    if sharding_words is None:
+        return "one process" if world_size == 1 else f"DDP on {world_size} processes"
+    return f"{sharding_words} on {world_size} processes"
 
 
 def resume_mode(saved_world_size: int, saved_sharding: str | None, world_size: int, sharding_words: str | None) -> str:
     """What resuming a checkpoint written by `saved_world_size` processes under `saved_sharding` does on this
-    launch, in words, or BadInput when it cannot be done:
+    launch, in words (harness.resume does it), or BadInput when it cannot be done:
     - the same layout and world size: `same world size`;
     - DDP on another world size: its state is whole, only the data position (a sample count) matters;
     - FSDP2 on another world size: torch.distributed.checkpoint reads the shards onto the new mesh;
-    - between DDP (or one process) and FSDP2: through the consolidated training state (harness.resume);
     - DeepSpeed ZeRO on another world size: through DeepSpeed's universal checkpoint, converted once beside it;
-    - between ZeRO and another layout (ZeRO-1/2 and ZeRO-3 included): refused."""
+    - between DDP (or one process), FSDP2, ZeRO-1/2 and ZeRO-3: through the consolidated training state;
+    - anything else (FSDP1's layout): refused."""
     old, new = resume_family(saved_sharding), resume_family(sharding_words)
     if old == new and saved_world_size == world_size:
         return "same world size"
-    if old == new:  # ZeRO partitions go through DeepSpeed's universal layout (harness.resume)
+    if old == new and old in FAMILIES:  # ZeRO partitions go through DeepSpeed's universal layout
         how = "" if old in ("DDP", "FSDP2") else " through DeepSpeed's universal checkpoint"
         return f"resharded from {saved_world_size} to {world_size} processes{how}"
-    if {old, new} <= {"DDP", "FSDP2"}:
-        return f"converted from {_on(old, saved_world_size)} to {_on(new, world_size)}"
-    written = saved_sharding or ("DDP" if saved_world_size > 1 else "one process")
-    now = sharding_words or ("DDP" if world_size > 1 else "one process")
-    raise BadInput(f"checkpoint was written by {saved_world_size} processes under {written}; DeepSpeed ZeRO state "
-                   f"resumes only under the same ZeRO layout, not under {now} (resume it with the launch config "
-                   f"that wrote it)")
+    if old in FAMILIES and new in FAMILIES:
+        return f"converted from {_on(saved_sharding, saved_world_size)} to {_on(sharding_words, world_size)}"
+    raise BadInput(f"checkpoint was written by {saved_world_size} processes under {_on(saved_sharding, saved_world_size)}"
+                   f"; harness resumes {old} state only under {old} on {saved_world_size} processes, not under "
+                   f"{_on(sharding_words, world_size)}: resume it with the launch config that wrote it")
 
 
 def read_deepspeed_json(path: str) -> dict:

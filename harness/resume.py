@@ -1,23 +1,19 @@
 """Resuming: a complete checkpoint loaded into this launch, whatever parallelism and world size wrote it.
 
-    resume_mode (harness.distributed)   same world size | resharded from N to M | converted from X to Y | refused
-    load_checkpoint                     every rank loads, or every rank refuses in one line
-    restore_rng                         the RNG policy, said in one line at resume
+    resume = Resume(accelerator, checkpoint, saved, seed)   says what it will do (distributed.resume_mode)
+    resume.before_prepare(model, optimizer)                 checks every file; a conversion's weights go in here
+    model, optimizer, ... = accelerator.prepare(...)
+    rng_line = resume.after_prepare(model, optimizer, scheduler)
 
-A resharded checkpoint loads through Accelerate (DDP's state is whole; FSDP2's torch.distributed.checkpoint
-folders shard onto the new mesh). A converted one goes through the consolidated training state, one form of
-a checkpoint's model, optimizer and schedule that every parallelism can be given:
-
-    State.model      {parameter name: whole fp32 tensor}
-    State.optimizer  {"state": {parameter name: {"step", "exp_avg", "exp_avg_sq"}},
-                      "param_groups": [{hyperparameters..., "params": [parameter names]}]}
-    State.scheduler  the LR scheduler's state_dict
-
-`read_state` builds it from Accelerate's files for DDP (model.safetensors, optimizer.bin) or from FSDP2's
-folders, read whole on each rank without a process group; `apply_state` gives it to the launch's model and
-optimizer through torch's state-dict API with whole tensors, which shards them where the launch shards.
-Parameter names are the model's own (no wrapper prefixes), so both sides agree whatever wraps the model. Every
-file read is a safetensors file, a weights-only torch load or DCP data whose metadata harness.safeload checked.
+Four ways, by what wrote the checkpoint and what resumes it:
+- the same layout and world size: Accelerate's load_state, as written;
+- DDP or FSDP2 on another world size: Accelerate's load_state too (DDP's state is whole; FSDP2's
+  torch.distributed.checkpoint folders shard onto the new mesh);
+- DeepSpeed ZeRO on another world size: DeepSpeed's universal layout of the checkpoint, converted once beside
+  it (`universal_copy`), loaded by DeepSpeed's universal loader (`load_universal`);
+- another parallelism: the consolidated training state (harness.consolidate), read from the checkpoint (from
+  its universal copy for ZeRO) and given to the new one.
+Every rank loads, or every rank refuses in one line (agree_on_load). The RNG policy is `restore_rng`'s.
 """
 
 from __future__ import annotations
@@ -27,8 +23,6 @@ import contextlib
 import io
 import random
 import shutil
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -36,125 +30,70 @@ import numpy as np
 import torch
 from accelerate.utils import load as accelerate_load
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
 from harness.checkpoint import Progress, replace_dir, verify, write_manifest
-from harness.distributed import failing_rank, resume_family
+from harness.consolidate import DEEPSPEED_TAG, SCHEDULER, load_optimizer, load_weights, read_state
+from harness.distributed import failing_rank, resume_family, resume_mode, sharding
 from harness.errors import BadInput, first_line
 from harness.safeload import check_pickles
 
-WHOLE = {"model": "model.safetensors", "optimizer": "optimizer.bin"}  # Accelerate's names for the first model/optimizer
-DCP = {"model": "pytorch_model_fsdp_0", "optimizer": "optimizer_0"}
-SCHEDULER = "scheduler.bin"
-DEEPSPEED_TAG = "pytorch_model"  # the folder Accelerate's save_state gives DeepSpeed's own checkpoint
 UNIVERSAL_WORDS = "through DeepSpeed's universal checkpoint"  # distributed.resume_mode's words for that path
 
 
-@dataclass
-class State:
-    model: dict
-    optimizer: dict
-    scheduler: dict
+class Resume:
+    """A checkpoint being loaded into this launch, in two phases around `accelerator.prepare`."""
 
+    def __init__(self, accelerator, checkpoint: Path, saved: Progress, seed: int, master_weights: bool):
+        self.accelerator, self.checkpoint, self.saved, self.seed = accelerator, checkpoint, saved, seed
+        self.mode = resume_mode(saved.world_size, saved.sharding, accelerator.num_processes, sharding(accelerator))
+        self.converted = self.mode.startswith("converted")
+        self.zero = resume_family(sharding(accelerator)).startswith("ZeRO")
+        self.state = None
+        if self.converted and master_weights:
+            raise BadInput(f"checkpoint {checkpoint}: harness does not convert a checkpoint into fp32 master weights "
+                           f"(train.bf16_mode=master_weights); resume it with train.bf16_mode=autocast")
 
-def read_state(checkpoint: Path, family: str, groups: list[list[str]]) -> State:
-    """The consolidated state of `checkpoint`, written under `family` (`DDP` or `FSDP2`). `groups` names the
-    parameters of each of this run's optimizer groups in order: harness builds the same groups for the same
-    config, which is how a DDP optimizer's numbered entries get their names."""
-    try:
-        if family == "FSDP2":
-            model = _read_dcp(checkpoint / DCP["model"])["model"]
-            optimizer = _read_dcp(checkpoint / DCP["optimizer"])["optimizer"]
-        else:
-            model = load_file(checkpoint / WHOLE["model"])
-            optimizer = _named(torch.load(checkpoint / WHOLE["optimizer"], weights_only=True), groups)
-        scheduler = torch.load(checkpoint / SCHEDULER, weights_only=True)
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"checkpoint {checkpoint} cannot be read as {family} state: {first_line(e)}") from None
-    model = {name.removeprefix("module."): t.float() if t.is_floating_point() else t for name, t in model.items()}
-    return State(model, optimizer, scheduler)
+    def before_prepare(self, model, optimizer) -> None:
+        """Collective. Every file of the checkpoint is checked on every rank; a conversion reads the consolidated
+        state and puts its weights into the bare model, which `prepare` then shards or copies as it always does."""
+        acc, checkpoint = self.accelerator, self.checkpoint
+        agree_on_load(acc, loadable(checkpoint, acc.process_index, self.saved.world_size), checkpoint)
+        if not self.converted:
+            return
+        family = resume_family(self.saved.sharding)
+        universal = universal_copy(acc, checkpoint) if family.startswith("ZeRO") else None
+        error = None
+        try:
+            shapes = None if self.zero else {n: p.shape for n, p in model.named_parameters()}
+            self.state = read_state(checkpoint, family, model, optimizer, universal, shapes)
+            if not self.zero:  # ZeRO-3 built its model partitioned: ZeRO's weights go in after `prepare`
+                load_weights(self.state, model)
+        except BadInput as e:
+            error = e
+        agree_on_load(acc, error, checkpoint)
 
-
-def _read_dcp(folder: Path) -> dict:
-    """A whole torch.distributed.checkpoint folder as nested dicts of whole tensors, in this process alone."""
-    state: dict = {}  # as torch's own dcp_to_torch_save reads one: the planner fills the empty dict from the metadata
-    with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": as intended
-        warnings.simplefilter("ignore", UserWarning)
-        _load_state_dict(state, storage_reader=FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(),
-                         no_dist=True)
-    return state
-
-
-def _named(saved: dict, groups: list[list[str]]) -> dict:
-    """A torch optimizer state_dict (entries numbered across groups) keyed by parameter name instead."""
-    if "master_weights" in saved:
-        raise BadInput("the checkpoint holds fp32 master weights (train.bf16_mode=master_weights), which harness "
-                       "does not convert to another parallelism: resume it under DDP or one process")
-    sizes = [len(g["params"]) for g in saved["param_groups"]]
-    if sizes != [len(g) for g in groups]:
-        raise BadInput(f"the checkpoint's optimizer has parameter groups of {sizes} parameters, this run's "
-                       f"{[len(g) for g in groups]}: it was written for another model or train.layer_lr_decay")
-    state, param_groups = {}, []
-    for group, names in zip(saved["param_groups"], groups):
-        for index, name in zip(group["params"], names):
-            if index in saved["state"]:
-                state[name] = saved["state"][index]
-        param_groups.append({**group, "params": list(names)})
-    return {"state": state, "param_groups": param_groups}
-
-
-def group_names(model, optimizer) -> list[list[str]]:
-    """The parameter names of each optimizer group, in order (`model` unwrapped)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-
-
-def apply_state(state: State, model, optimizer, scheduler) -> None:
-    """Every rank: the model's and optimizer's state from whole tensors (sharded here if the launch shards),
-    the scheduler's as saved. `model` and `optimizer` as prepared (wrapped); collective under FSDP2."""
-    options = StateDictOptions(full_state_dict=True, strict=True)
-    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
-    set_model_state_dict(model, state.model, options=options)
-    set_optimizer_state_dict(model, inner, state.optimizer, options=options)
-    scheduler.load_state_dict(state.scheduler)
-
-
-def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, scheduler, saved: Progress, mode: str,
-                    seed: int) -> str:
-    """Every rank loads its state (model, optimizer, scheduler, RNG) from a complete checkpoint, or every rank
-    refuses it: a file that would run code when unpickled, the RNG state of a rank that wrote it missing or
-    unreadable (the resume would not be exact), or any load that fails, on any rank. `mode` is
-    distributed.resume_mode's answer: a converted checkpoint loads through the consolidated state
-    (harness.convert), any other through Accelerate (FSDP2's shards onto the new mesh by
-    torch.distributed.checkpoint). Returns the RNG policy in one line."""
-    agree_on_load(accelerator, loadable(checkpoint, accelerator.process_index, saved.world_size), checkpoint)
-    error = None
-    try:
-        if mode.endswith(UNIVERSAL_WORDS):
-            load_universal(universal_copy(accelerator, checkpoint), model, optimizer, scheduler,
-                           torch.load(checkpoint / SCHEDULER, weights_only=True))
-        elif mode.startswith("converted"):
-            family = resume_family(saved.sharding)
-            unwrapped = accelerator.unwrap_model(model)
-            state = read_state(checkpoint, family, group_names(unwrapped, getattr(optimizer, "optimizer", optimizer)))
-            apply_state(state, model, optimizer, scheduler)
-        else:
-            accelerator.load_state(str(checkpoint))
-    except BaseException as e:  # a file that does not parse; FSDP2's checkpointing raises a BaseException of its own
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        error = e if isinstance(e, BadInput) else BadInput(f"checkpoint {checkpoint} cannot be loaded: {first_line(e)}")
-    agree_on_load(accelerator, error, checkpoint)
-    for group in optimizer.param_groups:  # a train.cuda_graphs run saved it as a tensor (StepGraphs makes it one again)
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"] = float(group["lr"])
-    return restore_rng(checkpoint, accelerator.process_index, accelerator.num_processes, saved, seed)
+    def after_prepare(self, model, optimizer, scheduler) -> str:
+        """Collective: the optimizer, the schedule and the RNG streams; returns the RNG policy in one line."""
+        acc, checkpoint = self.accelerator, self.checkpoint
+        error = None
+        try:
+            if self.converted:
+                load_optimizer(self.state, model, optimizer, scheduler, self.zero)
+            elif self.mode.endswith(UNIVERSAL_WORDS):
+                load_universal(universal_copy(acc, checkpoint), model, optimizer, scheduler,
+                               torch.load(checkpoint / SCHEDULER, weights_only=True))
+            else:
+                acc.load_state(str(checkpoint))
+        except BaseException as e:  # a file that does not parse; FSDP2's checkpointing raises a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = e if isinstance(e, BadInput) else BadInput(f"checkpoint {checkpoint} cannot be loaded: {first_line(e)}")
+        agree_on_load(acc, error, checkpoint)
+        self.state = None
+        for group in optimizer.param_groups:  # a train.cuda_graphs run saved it as a tensor (StepGraphs makes it one)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = float(group["lr"])
+        return restore_rng(checkpoint, acc.process_index, acc.num_processes, self.saved, self.seed)
 
 
 def universal_copy(accelerator, checkpoint: Path) -> Path:

@@ -27,7 +27,7 @@ from harness.checkpoint import Checkpointer, Progress, latest_checkpoint, read_p
 from harness.config import Config
 from harness.data import INDEX, StepBatchSampler, size, training_data
 from harness.distributed import (build_accelerator, collective_timeout, configure_deepspeed,
-                                 configure_fsdp, device_name, record_deepspeed_config, resume_mode, sharding)
+                                 configure_fsdp, device_name, record_deepspeed_config, sharding)
 from harness.errors import TrainingDiverged, WriteFailed
 from harness.evaluation import Evaluator
 from harness.export import Exporter, copy_model
@@ -39,7 +39,7 @@ from harness.modeling import (check_model, compile_model, enable_gradient_checkp
                               load_tokenizer, peak_flops)
 from harness.optim import build_optimizer, lr_schedule
 from harness.precision import MasterWeights, bf16_master_weights, precision_in_words
-from harness.resume import load_checkpoint
+from harness.resume import Resume
 from harness.run_folder import RunFolder
 from harness.schedule import Schedule
 from harness.stepper import Stepper, fast_dropout
@@ -141,12 +141,14 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
     train_ds, eval_ds, sampler, train_dl, eval_dl = training_data(cfg, tokenizer, acc)
     state, schedule = position(cfg, checkpoint, sampler, len(train_ds), acc.num_processes)
     model, optimizer, scheduler, masters, probe, model_flops = build_model(cfg, ctx, schedule, tokenizer.pad_token_id)
+    resume = Resume(acc, checkpoint, state, t.seed, masters is not None) if checkpoint else None
+    if resume:
+        resume.before_prepare(model, optimizer)
     model, optimizer, scheduler, eval_dl = acc.prepare(model, optimizer, scheduler, eval_dl)
     record_deepspeed_config(acc, run.deepspeed_config)
-    if checkpoint:
-        mode = resume_mode(state.world_size, state.sharding, acc.num_processes, sharding(acc))
-        rng = load_checkpoint(acc, checkpoint, model, optimizer, scheduler, state, mode, t.seed)
-        ctx.say(f"resumed from {checkpoint} ({mode}): step {state.step}, epoch {state.epoch}, "
+    if resume:
+        rng = resume.after_prepare(model, optimizer, scheduler)
+        ctx.say(f"resumed from {checkpoint} ({resume.mode}): step {state.step}, epoch {state.epoch}, "
                 f"{state.position} of {len(train_ds)} examples of the epoch done")
         ctx.say(rng)
     ctx.log = MetricsLog(acc, run, cfg, resume_step=state.step if checkpoint else None)

@@ -27,24 +27,28 @@ def test_deepspeed_values_fill_auto_and_refuse_contradictions():
     (None, 2, None, 2, "same world size"),
     (None, 2, None, 1, "resharded from 2 to 1 processes"),
     ("FSDP2 (full sharding)", 2, "FSDP2 (gradient/optimizer sharding)", 4, "resharded from 2 to 4 processes"),
-    ("FSDP2 (full sharding)", 2, None, 1, "converted from FSDP2 on 2 processes to one process"),
-    (None, 2, "FSDP2 (full sharding, CPU offload)", 2, "converted from DDP on 2 processes to FSDP2 on 2 processes"),
     ("DeepSpeed ZeRO-2", 2, "DeepSpeed ZeRO-1", 2, "same world size"),  # the same partitions on disk
     ("DeepSpeed ZeRO-3 (offload: optimizer, param)", 4, "DeepSpeed ZeRO-3", 4, "same world size"),
     ("DeepSpeed ZeRO-2", 2, "DeepSpeed ZeRO-1", 1,
      "resharded from 2 to 1 processes through DeepSpeed's universal checkpoint"),
+    ("FSDP2 (full sharding)", 2, None, 1, "converted from FSDP2 (full sharding) on 2 processes to one process"),
+    (None, 2, "FSDP2 (full sharding, CPU offload)", 2,
+     "converted from DDP on 2 processes to FSDP2 (full sharding, CPU offload) on 2 processes"),
+    ("DeepSpeed ZeRO-2", 2, "DeepSpeed ZeRO-3", 4,
+     "converted from DeepSpeed ZeRO-2 on 2 processes to DeepSpeed ZeRO-3 on 4 processes"),
+    (None, 1, "DeepSpeed ZeRO-3", 2, "converted from one process to DeepSpeed ZeRO-3 on 2 processes"),
 ])
 def test_what_a_resume_does_from_the_parallelism_and_world_size_that_wrote_it(saved, saved_ws, now, ws, expected):
     assert resume_mode(saved_ws, saved, ws, now) == expected
 
 
-@pytest.mark.parametrize("saved, saved_ws, now, ws", [
-    ("DeepSpeed ZeRO-3", 2, "DeepSpeed ZeRO-2", 2),
-    ("DeepSpeed ZeRO-2", 2, "FSDP2 (full sharding)", 2), (None, 2, "DeepSpeed ZeRO-3", 2)])
-def test_deepspeed_state_on_another_world_size_or_layout_is_refused_in_one_line(saved, saved_ws, now, ws):
-    with pytest.raises(BadInput, match=r"^checkpoint was written by 2 processes under .*; DeepSpeed ZeRO state resumes "
-                                       r"only under the same ZeRO layout, not under ") as e:
-        resume_mode(saved_ws, saved, ws, now)
+@pytest.mark.parametrize("saved, now", [("FSDP1 (full sharding)", None), (None, "FSDP1 (full sharding)"),
+                                        ("FSDP1 (full sharding)", "FSDP2 (full sharding)")])
+def test_a_layout_harness_cannot_read_or_write_is_refused_in_one_line(saved, now):
+    with pytest.raises(BadInput, match=r"^checkpoint was written by 2 processes under .*; harness resumes .* state "
+                                       r"only under .* on 2 processes, not under .*: resume it with the launch config "
+                                       r"that wrote it$") as e:
+        resume_mode(2, saved, 2, now)
     assert "\n" not in str(e.value)
 
 

@@ -139,13 +139,27 @@ def test_zero3_of_one_process_resumes_on_2_ranks_as_ddp_does(runs):
     assert_same_weights(out / "final", reference / "final")
 
 
-def test_zero_state_under_another_zero_layout_is_refused_in_one_line(runs):
-    cfg, tmp, _, _ = runs
-    r = launch(tmp / "deepspeed_zero3_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={tmp / 'z2-z3'}",
-               f"train.resume={tmp / 'zero2' / 'checkpoints' / 'step-00000005'}", procs=2)
-    assert r.returncode != 0 and "exitcode  : 2" in r.stderr
-    assert ("harness: error: checkpoint was written by 2 processes under DeepSpeed ZeRO-2; DeepSpeed ZeRO state "
-            "resumes only under the same ZeRO layout, not under DeepSpeed ZeRO-3") in r.stderr
+@pytest.mark.parametrize("written, resumed", [("zero2", "fsdp2_full_shard"), ("ddp", "zero3"), ("zero2", "zero3")])
+def test_a_checkpoint_resumes_under_another_parallelism_as_if_uninterrupted(runs, written, resumed):
+    """Across parallelism modes through the consolidated state, on 2 ranks: the step-5 checkpoint of one run,
+    resumed under another launch config, against the uninterrupted DDP run (which ZeRO-2 matches within 1e-4):
+    the same examples, losses for 5 steps and weights after them."""
+    cfg, tmp, ddp, _ = runs
+    ckpt = (ddp if written == "ddp" else tmp / written) / "checkpoints" / "step-00000005"
+    if resumed.startswith("fsdp2"):
+        launch_config, extra = LAUNCH / f"{resumed}.yaml", ["--mixed_precision", "no"]  # fp32, as in its own module
+    else:
+        launch_config, extra = tmp / f"deepspeed_{resumed}_fp32.yaml", []
+    out = tmp / f"{written}-to-{resumed}"
+    r = ok(launch(launch_config, "train", "--config", str(cfg), f"train.output_dir={out}", f"train.resume={ckpt}",
+                  procs=2, launch_args=extra))
+    words = {"zero2": "DeepSpeed ZeRO-2 on 2 processes", "zero3": "DeepSpeed ZeRO-3 on 2 processes",
+             "ddp": "DDP on 2 processes", "fsdp2_full_shard": "FSDP2 (full sharding) on 2 processes"}
+    assert "2 process(es)" in r.stdout and f"(converted from {words[written]} to {words[resumed]})" in r.stdout
+    assert "RNG: ranks 0-1 continue the saved streams" in r.stdout
+    assert examples(out) == {s: e for s, e in examples(ddp).items() if s > 5}
+    assert_same_losses(ddp, out, range(6, 11))
+    assert_same_weights(out / "final", ddp / "final")
 
 
 def test_a_contradicting_deepspeed_json_is_refused_with_exit_2(tmp_path, tiny_model):

@@ -79,7 +79,7 @@ def test_fsdp2_on_2_ranks_resumes_on_1_as_a_ddp_checkpoint_does(runs):
     fsdp_one, ddp_one = tmp / "fsdp2-to-one", tmp / "ddp-to-one"
     r = ok(launch(LAUNCH / "fsdp2_full_shard.yaml", "train", "--config", str(cfg), f"train.output_dir={fsdp_one}",
                   f"train.resume={tmp / 'full_shard' / 'checkpoints' / 'step-00000005'}", procs=1, launch_args=FP32))
-    assert "1 process(es)" in r.stdout and "(converted from FSDP2 on 2 processes to one process)" in r.stdout
+    assert "1 process(es)" in r.stdout and "(converted from FSDP2 (full sharding) on 2 processes to one process)" in r.stdout
     assert "RNG: rank 0 continues the saved streams; the streams of rank 1 (gone) are not used" in r.stdout
     reference = ok(harness("train", "--config", str(cfg), f"train.output_dir={ddp_one}",
                            f"train.resume={ddp / 'checkpoints' / 'step-00000005'}"))
@@ -97,7 +97,7 @@ def test_ddp_on_2_ranks_resumes_under_fsdp2_on_2(runs):
     out = tmp / "ddp-to-fsdp2"
     r = ok(launch(LAUNCH / "fsdp2_full_shard.yaml", "train", "--config", str(cfg), f"train.output_dir={out}",
                   f"train.resume={ddp / 'checkpoints' / 'step-00000005'}", procs=2, launch_args=FP32))
-    assert "2 process(es)" in r.stdout and "(converted from DDP on 2 processes to FSDP2 on 2 processes)" in r.stdout
+    assert "2 process(es)" in r.stdout and "(converted from DDP on 2 processes to FSDP2 (full sharding) on 2 processes)" in r.stdout
     assert {s: e for s, e in examples(ddp).items() if s > 5} == examples(out)
     assert_same_losses(ddp, out, range(6, 11))
     assert_same_weights(out / "final", ddp / "final")
@@ -113,7 +113,7 @@ def test_one_process_resumes_under_fsdp2_on_2_as_under_ddp_on_2(runs):
     out, reference = tmp / "one-to-fsdp2", tmp / "one-to-ddp"
     r = ok(launch(LAUNCH / "fsdp2_full_shard.yaml", "train", "--config", str(cfg), f"train.output_dir={out}",
                   f"train.resume={ckpt}", procs=2, launch_args=FP32))
-    assert "2 process(es)" in r.stdout and "(converted from one process to FSDP2 on 2 processes)" in r.stdout
+    assert "2 process(es)" in r.stdout and "(converted from one process to FSDP2 (full sharding) on 2 processes)" in r.stdout
     assert ("RNG: rank 0 continues the saved streams; new rank 1 starts from streams seeded by train.seed, the rank "
             "and step 5") in r.stdout
     ok(harness("train", "--config", str(cfg), f"train.output_dir={reference}", f"train.resume={ckpt}", procs=2))

@@ -12,7 +12,7 @@ LAYERS = [
     ("errors", "faults"),
     ("config", "safeload"),
     ("recipes", "schedule", "families", "tasks"),
-    ("sources", "optim", "dropout", "attention", "modeling", "distributed", "graphs"),
+    ("sources", "optim", "dropout", "attention", "modeling", "distributed", "graphs", "consolidate"),
     ("data", "precision", "checkpoint", "guards", "tracking"),
     ("lock", "export", "evaluation", "stepper", "resume"),
     ("run_folder", "inference", "report", "reference"),

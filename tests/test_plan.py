@@ -158,12 +158,23 @@ def test_plan_says_what_a_resume_will_do_on_the_launch_it_is_given(capsys, monke
     monkeypatch.chdir(REPO)
     fsdp2 = str(REPO / "launch_configs" / "accelerate" / "fsdp2_full_shard.yaml")
     for launch, procs, expected in ((None, 2, "(same world size)"), (None, 1, "(resharded from 2 to 1 processes)"),
-                                    (fsdp2, 2, "(converted from DDP on 2 processes to FSDP2 on 2 processes)")):
+                                    (fsdp2, 2, "(converted from DDP on 2 processes to FSDP2 (full sharding) on 2 processes)")):
         world = ["--launch-config", launch] if launch else []
         code, out, err = plan(capsys, "--config", str(cfg), *world, "--nodes", "1", "--gpus-per-node", str(procs))
         assert code == 0, err
         assert f"resume from {run / 'checkpoints' / 'step-00000004'} {expected}" in out
-    code, out, err = plan(capsys, "--config", str(cfg), "--launch-config",
-                          str(REPO / "launch_configs" / "accelerate" / "deepspeed_zero2.yaml"))
+    zero2 = str(REPO / "launch_configs" / "accelerate" / "deepspeed_zero2.yaml")
+    code, out, err = plan(capsys, "--config", str(cfg), "--launch-config", zero2, "--nodes", "1", "--gpus-per-node", "4")
+    assert code == 0 and "(converted from DDP on 2 processes to DeepSpeed ZeRO-2 on 4 processes)" in out, err
+
+    # as an FSDP1 launch config would have written it: a layout harness does not convert
+    ckpt = run / "checkpoints" / "step-00000004"
+    progress = json.loads((ckpt / "progress.json").read_text())
+    (ckpt / "progress.json").write_text(json.dumps({**progress, "sharding": "FSDP1 (full sharding)"}))
+    manifest = json.loads((ckpt / "COMPLETE.json").read_text())
+    manifest["files"]["progress.json"] = (ckpt / "progress.json").stat().st_size
+    (ckpt / "COMPLETE.json").write_text(json.dumps(manifest))
+    code, out, err = plan(capsys, "--config", str(cfg), "--launch-config", zero2)
     assert code == 2 and err.count("\n") == 1
-    assert "checkpoint was written by 2 processes under DDP; DeepSpeed ZeRO state resumes only under" in err
+    assert ("checkpoint was written by 2 processes under FSDP1 (full sharding) on 2 processes; harness resumes FSDP1 "
+            "state only under FSDP1 on 2 processes") in err
