@@ -281,3 +281,21 @@ def test_a_load_that_fails_on_one_rank_stops_every_rank_together_naming_the_file
     assert "random_states_1.pkl cannot be read" in ranks and "cannot be loaded on rank 1" in ranks, ranks[-2000:]
     assert "Traceback" not in ranks and time.monotonic() - started < 120
     assert not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_a_universal_copy_goes_when_its_checkpoint_goes(tmp_path):
+    """Pruning keeps a DeepSpeed universal copy beside its checkpoint and removes one whose checkpoint is gone,
+    finished or not; it touches nothing that harness did not name."""
+    from harness.checkpoint import prune
+
+    root = tmp_path / "checkpoints"
+    for step in (3, 6):
+        folder = root / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "progress.json").write_text("{}")
+        (folder / COMPLETE).write_text(json.dumps({"step": step, "files": {"progress.json": 2}}))
+    for name in ("universal-step-00000003", "universal-step-00000006", "universal-step-00000001",
+                 "universal-step-00000002.tmp", "notes"):
+        (root / name).mkdir()
+    prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["notes", "step-00000006", "universal-step-00000006"]

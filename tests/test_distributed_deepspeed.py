@@ -8,10 +8,11 @@ bf16 autocast, far beyond 1e-4): each run uses a copy of the shipped JSON whose 
 
 import hashlib
 import json
+from types import SimpleNamespace
 
 import pytest
 from tests.helpers import (REPO, assert_export_matches, assert_same_losses, assert_same_weights, harness, launch, losses,
-                           ok, write_config)
+                           ok, plant, write_config)
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional dependency: pip install -e '.[deepspeed]'")
 pytestmark = pytest.mark.slow
@@ -116,6 +117,14 @@ def test_zero2_on_2_ranks_resumes_on_1_through_a_universal_copy_as_ddp_does(runs
     assert (copy / "COMPLETE.json").stat().st_mtime_ns == converted, "the verified copy is reused"
     assert losses(again) == losses(out)
 
+    # a reused copy is a file like any other: one that would run code is refused, before anything loads it
+    marker = tmp / "planted-ran"
+    plant(next((copy / "pytorch_model" / "zero").glob("*/exp_avg.pt")), marker)
+    r = launch(tmp / "deepspeed_zero2_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={tmp / 'planted'}",
+               f"train.resume={ckpt}", procs=1)
+    assert r.returncode != 0 and "exitcode  : 2" in r.stderr and not marker.exists()
+    assert "converted checkpoint" in r.stderr and "exp_avg.pt" in r.stderr
+
 
 def test_zero3_of_one_process_resumes_on_2_ranks_as_ddp_does(runs):
     """1 -> 2 under ZeRO-3: a one-process ZeRO-3 checkpoint, resumed on 2 ranks through the universal copy, against
@@ -160,6 +169,42 @@ def test_a_checkpoint_resumes_under_another_parallelism_as_if_uninterrupted(runs
     assert examples(out) == {s: e for s, e in examples(ddp).items() if s > 5}
     assert_same_losses(ddp, out, range(6, 11))
     assert_same_weights(out / "final", ddp / "final")
+
+
+def test_the_consolidated_state_is_the_same_whatever_wrote_the_checkpoint(runs, tmp_path):
+    """The step-5 checkpoints of the same 5 steps under DDP, ZeRO-2 and ZeRO-3, each read into harness's
+    consolidated form (ZeRO's through a universal copy): the same weights, Adam moments and step counts, the same
+    parameter groups and the same schedule."""
+    import torch
+    import yaml
+    from transformers import AutoModelForSequenceClassification
+
+    from harness.consolidate import read_state
+    from harness.optim import build_optimizer
+    from harness.resume import universal_copy
+
+    cfg, tmp, ddp, _ = runs
+    model = AutoModelForSequenceClassification.from_pretrained(yaml.safe_load(cfg.read_text())["model"]["name_or_path"])
+    optimizer = build_optimizer(model, 3e-3, 0.01)
+    one = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)  # as the main process alone
+    states = {"DDP": read_state(ddp / "checkpoints" / "step-00000005", "DDP", model, optimizer)}
+    for zero, family in (("zero2", "ZeRO-1/2"), ("zero3", "ZeRO-3")):
+        ckpt = tmp / zero / "checkpoints" / "step-00000005"
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        states[zero] = read_state(ckpt, family, model, optimizer, universal_copy(one, ckpt), shapes)
+    reference = states.pop("DDP")
+    assert set(reference.model) >= {n for n, _ in model.named_parameters()}
+    for zero, state in states.items():
+        for name, weight in state.model.items():
+            assert torch.allclose(weight, reference.model[name], atol=1e-6), f"{zero}: {name}"
+            saved, expected = state.optimizer["state"][name], reference.optimizer["state"][name]
+            assert float(saved["step"]) == float(expected["step"]) == 5
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.allclose(saved[key], expected[key], atol=1e-6, rtol=1e-4), f"{zero}: {name} {key}"
+        groups = [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")} for g in state.optimizer["param_groups"]]
+        assert groups == [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
+                          for g in reference.optimizer["param_groups"]]
+        assert state.scheduler == reference.scheduler
 
 
 def test_a_contradicting_deepspeed_json_is_refused_with_exit_2(tmp_path, tiny_model):
