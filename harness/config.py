@@ -125,6 +125,10 @@ class TrainConfig:
     """Optimizer steps of linear warmup (a value in (0, 1) is a fraction of the run), then decay to 0."""
     lr_schedule: str = "linear"
     """How the learning rate decays after the warmup: `linear` or `cosine` (half a cosine), to 0 at the last step."""
+    chunk_loss: str = "windows"
+    """data.truncation=chunks: `windows` trains each window as an example with its text's label; `documents` takes
+    one loss per text on the mean of its windows' logits (as evaluate scores it), each batch holding every window
+    of train.per_device_batch_size texts."""
     layer_lr_decay: float = 1.0
     """Layer-wise learning-rate decay: the classifier (and pooler) trains at train.lr, each layer below it at this
     fraction of the one above, the embeddings the least; 1 trains all at train.lr."""
@@ -228,6 +232,7 @@ CHOICES = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"), "model.attention_mask": ("auto", "4d", "2d"),
     "data.truncation": ("head", "head_tail", "chunks"), "train.bf16_mode": ("auto", "autocast", "master_weights"),
     "train.cpu_dropout": ("fast", "torch"), "train.lr_schedule": ("linear", "cosine"),
+    "train.chunk_loss": ("windows", "documents"),
     "train.compile_scope": ("model", "layers"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "train.cuda_graphs": ("auto", True, False),
@@ -272,6 +277,8 @@ def validate(cfg: Config) -> None:
     need(d.text_pair_column is None or d.truncation == "head",
          f"data.truncation={d.truncation} applies to single texts; sentence pairs (data.text_pair_column) are "
          f"truncated from the longer side first: use data.truncation=head")
+    need(t.chunk_loss == "windows" or d.truncation == "chunks",
+         f"train.chunk_loss={t.chunk_loss} takes the windows of data.truncation=chunks (now {d.truncation})")
     need(d.text_pair_column != d.text_column, f"data.text_pair_column must differ from data.text_column ({d.text_column!r})")
     need(d.pad_multiple == "auto" or (isinstance(d.pad_multiple, int) and d.pad_multiple >= 1),
          f"data.pad_multiple must be 'auto' or a positive number of tokens, got {d.pad_multiple!r}")

@@ -256,13 +256,24 @@ class StepBatchSampler:
     a micro-batch repeat the epoch's first example.
     """
 
-    def __init__(self, lengths, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int, group_by_length: bool = True):
+    def __init__(self, lengths, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int,
+                 group_by_length: bool = True, units: Optional[list[list[int]]] = None):
+        # `units`: examples that always go together (train.chunk_loss=documents: a text's windows), one list of
+        # indices each; batch sizes, positions and epochs then count units, and a unit's length is its tokens
+        self.units = units
+        if units is not None:
+            lengths = [sum(lengths[i] for i in unit) for unit in units]
         self.lengths = np.asarray(lengths)
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.group_size = 64 * batch_size if group_by_length else None
         self.epoch = 0
         self.position = 0  # samples of this epoch already consumed, by all ranks together
+
+    @property
+    def epoch_size(self) -> int:
+        """Examples (or units) in an epoch: what positions and steps count."""
+        return len(self.lengths)
 
     @property
     def global_batch(self) -> int:
@@ -286,8 +297,8 @@ class StepBatchSampler:
         mine = []
         for a in range(self.grad_accum):
             i = a * self.world_size + self.rank
-            part = chunk[bounds[i] : bounds[i + 1]].tolist()
-            mine.append(part or [int(order[0])])
+            part = chunk[bounds[i] : bounds[i + 1]].tolist() or [int(order[0])]
+            mine.append(part if self.units is None else [j for unit in part for j in self.units[unit]])
         return mine
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -315,8 +326,13 @@ def training_data(cfg, tokenizer, accelerator):
         train_ds = train_ds.add_column(INDEX, list(range(len(train_ds))))
         train_collate = Collator(pad_token_id(tokenizer), multiple, extras=(INDEX,), max_length=d.max_length,
                                  unpadded=m.unpadded)
+    units = None
+    if t.chunk_loss == "documents":  # a text's windows are consecutive rows: each text one unit of the sampler
+        docs = train_ds["doc"]
+        starts = [i for i in range(len(docs)) if i == 0 or docs[i] != docs[i - 1]] + [len(docs)]
+        units = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
     sampler = StepBatchSampler(train_ds["length"], t.per_device_batch_size, t.grad_accum_steps,
-                               accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length)
+                               accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length, units)
     # Not passed to prepare(): the sampler already gives each rank its own batches. The loaders get their
     # own generators so that starting one never draws from the global RNG (dropout) stream: resumed
     # runs then see exactly the random numbers of an uninterrupted one.

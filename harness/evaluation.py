@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from harness.checkpoint import Progress
 from harness.config import METRICS, TrainConfig
 from harness.data import model_inputs
-from harness.tasks import Task
+from harness.tasks import Task, mean_by_document
 
 DETAILS = ("row", "length", "full_length")  # what a batch must carry (Collator extras) for `details`
 
@@ -57,11 +57,7 @@ def _has_docs(dataloader: DataLoader) -> bool:
 def per_document(cols: dict) -> dict:
     """Windows gathered from every rank, as documents: each document's logits are the mean of its windows', its
     label and row its own, its token count all of its tokens (none was cut)."""
-    docs, inverse = torch.unique(cols["doc"], return_inverse=True)
-    counts = torch.bincount(inverse, minlength=len(docs)).unsqueeze(-1)
-    logits = torch.zeros(len(docs), cols["logits"].shape[-1]).index_add_(0, inverse, cols["logits"]) / counts
-    first = torch.zeros(len(docs), dtype=torch.long).scatter_reduce_(
-        0, inverse, torch.arange(len(inverse)), reduce="amin", include_self=False)
+    logits, first = mean_by_document(cols["logits"], cols["doc"])
     out = {k: v[first] for k, v in cols.items() if k not in ("logits", "doc")}
     if "full_length" in out:
         out["length"] = out["full_length"]

@@ -63,6 +63,8 @@ def config_clash(m: ModelConfig, t: TrainConfig) -> Optional[str]:
         return "train.grad_accum_steps above 1 (a graph replays a whole optimizer step)"
     if m.unpadded:
         return "model.unpadded (the packed length changes with every batch)"
+    if t.chunk_loss == "documents":
+        return "train.chunk_loss=documents (a batch's number of windows changes with its texts)"
     return None
 
 

@@ -202,7 +202,7 @@ def describe(cfg: Config, p: dict) -> str:
         f"data            {cfg.data.dataset}: train {p['train_examples']}, eval {p['eval_examples']}, max_length {cfg.data.max_length}",
         f"steps           {p['steps_per_epoch']} per epoch, {p['total_steps']} in total ({p['epochs']:.2f} epochs), warmup {p['warmup']}"
         + (" (at least: with data.truncation=chunks a long text trains as several windows)"
-           if cfg.data.truncation == "chunks" and t.max_steps is None else ""),
+           if cfg.data.truncation == "chunks" and t.chunk_loss == "windows" and t.max_steps is None else ""),
         f"evaluation      {eval_at} and at the end",
         f"checkpoints     {save_at}, keep {t.keep_last}" + (f", best by {t.best_metric}" if t.best_metric else ""),
         f"output          {t.output_dir}: {start}",

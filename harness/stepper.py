@@ -14,7 +14,7 @@ from harness.data import model_inputs
 from harness.dropout import FastCpuDropout
 from harness.families import family_of, mask_setting
 from harness.graphs import StepGraphs, backend_for
-from harness.tasks import Task
+from harness.tasks import Task, mean_by_document
 from harness.tracking import SyncWatch, compile_report
 
 
@@ -34,7 +34,7 @@ class Stepper:
         t = cfg.train
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.guard, self.meter, self.max_grad_norm, self.compiled = guard, meter, t.max_grad_norm, t.compile
-        self.task = task
+        self.task, self.per_document = task, t.chunk_loss == "documents"
         self.compile_records_graphs = t.compile_records_graphs
         self.watch = SyncWatch(t.sync_debug)
         # what was loaded (sdpa falls back to eager where unsupported), read off the model inside any wrapper
@@ -70,8 +70,12 @@ class Stepper:
         """Forward, loss, backward, clipping and the optimizer for one micro-batch: what train.cuda_graphs captures."""
         with self.dropout_mode:
             logits = self.model(**model_inputs(batch)).logits
+        labels = batch["labels"]
+        if self.per_document:  # train.chunk_loss=documents: one loss per text, on the mean of its windows' logits
+            logits, first = mean_by_document(logits, batch["doc"])
+            labels = labels[first]
         # in fp32 whatever the weights' dtype (autocast computes it so; bf16 weights would give a bf16 loss)
-        loss = self.guard.inject(self.task.loss(logits, batch["labels"], weighted=True), self.current)
+        loss = self.guard.inject(self.task.loss(logits, labels, weighted=True), self.current)
         self.accelerator.backward(loss)
         norm = None
         if self.accelerator.sync_gradients and self.max_grad_norm > 0:

@@ -177,3 +177,14 @@ def class_weights(labels: list[int], num_labels: int, configured) -> Optional[to
         return torch.tensor(np.where(counts > 0, len(labels) / (num_labels * np.maximum(counts, 1)), 0.0),
                             dtype=torch.float32)
     return torch.tensor(configured, dtype=torch.float32)
+
+
+def mean_by_document(logits: torch.Tensor, doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows (data.truncation=chunks) as documents: (each document's logits, the mean of its windows' in fp32,
+    the index of its first window), documents in order of their ids. Differentiable: training takes a loss on it."""
+    docs, inverse = torch.unique(doc, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=len(docs)).unsqueeze(-1)
+    sums = torch.zeros(len(docs), logits.shape[-1], device=logits.device).index_add(0, inverse, logits.float())
+    first = torch.zeros(len(docs), dtype=torch.long, device=doc.device).scatter_reduce(
+        0, inverse, torch.arange(len(inverse), device=doc.device), reduce="amin", include_self=False)
+    return sums / counts, first

@@ -139,7 +139,7 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
         ctx.say(padding)
     check_model(cfg.model, cfg.data.max_length, tokenizer)  # before the tokenizing; the weights load after it
     train_ds, eval_ds, sampler, train_dl, eval_dl = training_data(cfg, tokenizer, acc)
-    state, schedule = position(cfg, checkpoint, sampler, len(train_ds), acc.num_processes)
+    state, schedule = position(cfg, checkpoint, sampler, sampler.epoch_size, acc.num_processes)
     model, optimizer, scheduler, masters, probe, model_flops = build_model(cfg, ctx, schedule, tokenizer.pad_token_id)
     resume = Resume(acc, checkpoint, state, t.seed, masters is not None) if checkpoint else None
     if resume:
@@ -149,7 +149,7 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
     if resume:
         rng = resume.after_prepare(model, optimizer, scheduler)
         ctx.say(f"resumed from {checkpoint} ({resume.mode}): step {state.step}, epoch {state.epoch}, "
-                f"{state.position} of {len(train_ds)} examples of the epoch done")
+                f"{state.position} of {sampler.epoch_size} {'texts' if sampler.units else 'examples'} of the epoch done")
         ctx.say(rng)
     ctx.log = MetricsLog(acc, run, cfg, resume_step=state.step if checkpoint else None)
     guard = NonFiniteGuard(acc, functools.partial(latest_checkpoint, run.root), ctx.faults)
@@ -163,8 +163,8 @@ def build(cfg: Config, ctx: RunContext) -> Optional[Parts]:
     exporter = Exporter(acc, model, tokenizer, masters, cfg, launch, ctx.watchdog, ctx.faults)
     ctx.install_stop_flag()
     ctx.parts = Parts(
-        cfg, state, schedule.total_steps, len(train_ds), sampler, train_dl, stepper,
-        StepLogger(acc, ctx.log, meter, probe, t.log_every, schedule.total_steps, len(train_ds), guard, ctx.say),
+        cfg, state, schedule.total_steps, sampler.epoch_size, sampler, train_dl, stepper,
+        StepLogger(acc, ctx.log, meter, probe, t.log_every, schedule.total_steps, sampler.epoch_size, guard, ctx.say),
         Evaluator(t, task, acc, model, eval_dl, ctx.log, exporter, run.best, guard, ctx.watchdog, ctx.say),
         Checkpointer(acc, run.root, t.save_every, t.keep_last, sampler.global_batch, sharding(acc), guard, ctx.watchdog,
                      ctx.say, ctx.faults),

@@ -9,8 +9,9 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from harness.config import DataConfig
-from harness.data import tokenize
+from harness.data import StepBatchSampler, tokenize
 from harness.evaluation import per_document
+from harness.tasks import mean_by_document
 from tests.helpers import harness, ok, write_config
 
 
@@ -60,3 +61,49 @@ def test_chunks_train_and_score_each_document_once_on_one_and_two_ranks(tmp_path
     texts = ["a wonderful film , the cast is great and the story never lets go of you", "terrible"]
     out = [json.loads(line) for line in ok(harness("predict", "--model", str(final), *texts)).stdout.splitlines()]
     assert [p["text"] for p in out] == texts
+
+
+def test_documents_stay_whole_in_batches_and_each_window_comes_once_an_epoch():
+    """train.chunk_loss=documents: the sampler batches texts (units), every window of a text in the same
+    micro-batch, every window once an epoch across 2 ranks, steps counted in texts."""
+    windows = [3, 1, 2, 1, 1, 4, 2]  # windows per text
+    units, start = [], 0
+    for n in windows:
+        units.append(list(range(start, start + n)))
+        start += n
+    lengths = [10] * start
+    seen = []
+    for rank in (0, 1):
+        sampler = StepBatchSampler(lengths, 2, 1, 2, rank, seed=0, units=units)
+        assert sampler.epoch_size == len(windows) and sampler.steps() == 2  # 7 texts, 4 a step
+        for batch in sampler:
+            assert all(set(u) <= set(batch) or not set(u) & set(batch) for u in units), "a text is never split"
+            seen += batch
+    assert sorted(seen) == list(range(start)), "each window once"
+
+
+def test_a_documents_loss_is_taken_on_the_mean_of_its_windows():
+    logits = torch.tensor([[1.0, 0.0], [0.0, 4.0], [3.0, 1.0]], requires_grad=True)
+    means, first = mean_by_document(logits, torch.tensor([7, 3, 7]))
+    assert means.tolist() == [[0.0, 4.0], [2.0, 0.5]] and first.tolist() == [1, 0]
+    means.sum().backward()
+    assert logits.grad.tolist() == [[0.5, 0.5], [1.0, 1.0], [0.5, 0.5]]
+
+
+def test_training_on_documents_records_whole_texts_on_two_ranks(tmp_path, tiny_model):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run",
+                       data={"max_length": 12, "truncation": "chunks", "chunk_overlap": 3, "train_samples": 24},
+                       train={"chunk_loss": "documents", "record_examples": True, "epochs": 1})
+    r = ok(harness("train", "--config", str(cfg), procs=2))
+    assert "2 process(es) x batch 4 x accumulation 1 = 8 per step; 3 steps/epoch" in r.stdout  # 24 texts
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["train/examples"] for x in rows if "train/examples" in x]
+    windows = [i for step in steps for i in step]
+    assert len(steps) == 3 and sorted(windows) == list(range(len(windows))) and len(windows) > 24
+
+
+def test_documents_need_windows(tmp_path, tiny_model):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "run", train={"chunk_loss": "documents"})
+    r = harness("train", "--config", str(cfg))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "harness: error: train.chunk_loss=documents takes the windows of data.truncation=chunks (now head)"]
