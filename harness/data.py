@@ -8,6 +8,7 @@ can resume on another number of processes without skipping or repeating an examp
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterator, Optional
 
@@ -326,11 +327,9 @@ def training_data(cfg, tokenizer, accelerator):
         train_ds = train_ds.add_column(INDEX, list(range(len(train_ds))))
         train_collate = Collator(pad_token_id(tokenizer), multiple, extras=(INDEX,), max_length=d.max_length,
                                  unpadded=m.unpadded)
-    units = None
-    if t.chunk_loss == "documents":  # a text's windows are consecutive rows: each text one unit of the sampler
-        docs = train_ds["doc"]
-        starts = [i for i in range(len(docs)) if i == 0 or docs[i] != docs[i - 1]] + [len(docs)]
-        units = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
+    units = None  # train.chunk_loss=documents: a text's windows (consecutive rows) are one unit of the sampler
+    if t.chunk_loss == "documents":
+        units = [list(rows) for _, rows in itertools.groupby(range(len(train_ds)), key=list(train_ds["doc"]).__getitem__)]
     sampler = StepBatchSampler(train_ds["length"], t.per_device_batch_size, t.grad_accum_steps,
                                accelerator.num_processes, accelerator.process_index, t.seed, d.group_by_length, units)
     # Not passed to prepare(): the sampler already gives each rank its own batches. The loaders get their
