@@ -8,6 +8,7 @@ bf16 autocast, far beyond 1e-4): each run uses a copy of the shipped JSON whose 
 
 import hashlib
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -85,39 +86,62 @@ def digest(folder):
     return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.rglob("*") if f.is_file()}
 
 
-def test_zero2_on_2_ranks_resumes_on_1_through_a_universal_copy_as_ddp_does(runs):
-    """ZeRO-2 on 2 ranks, resumed on 1 process: harness converts the partitions to DeepSpeed's universal layout
+@pytest.fixture(scope="module")
+def ddp_resumed(runs):
+    """The references on the other world size: DDP's step-5 checkpoint of the 2-rank run resumed on 1 process, and
+    a 1-process DDP run's step-5 checkpoint resumed on 2 ranks."""
+    cfg, tmp, ddp, _ = runs
+    one = tmp / "ddp-one"
+    ok(harness("train", "--config", str(cfg), f"train.output_dir={tmp / 'ddp-2-to-1'}",
+               f"train.resume={ddp / 'checkpoints' / 'step-00000005'}"))
+    ok(harness("train", "--config", str(cfg), f"train.output_dir={one}"))
+    ok(harness("train", "--config", str(cfg), f"train.output_dir={tmp / 'ddp-1-to-2'}",
+               f"train.resume={one / 'checkpoints' / 'step-00000005'}", procs=2))
+    return {"2-to-1": tmp / "ddp-2-to-1", "1-to-2": tmp / "ddp-1-to-2"}
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_zero_on_2_ranks_resumes_on_1_through_a_universal_copy_as_ddp_does(runs, ddp_resumed, zero):
+    """ZeRO on 2 ranks, resumed on 1 process: harness converts the partitions to DeepSpeed's universal layout
     beside the checkpoint (never in it) and loads that. The reference is the DDP run's step-5 checkpoint resumed
     on 1 process: the same examples after the resume, each of the epoch's once across it, the same losses for 5
-    steps and the same weights after them (moments and step counts carried). A second resume reuses the copy."""
-    cfg, tmp, ddp, _ = runs
-    ckpt = tmp / "zero2" / "checkpoints" / "step-00000005"
+    steps and the same weights after them (moments and step counts carried; DeepSpeed's own universal load gives
+    ZeRO-3's groups one shared step tensor and the first group's weight decay, which harness undoes: uncorrected,
+    the weights differ by up to 2e-4)."""
+    cfg, tmp, _, _ = runs
+    ckpt = tmp / zero / "checkpoints" / "step-00000005"
     before = digest(ckpt)
-    out, reference = tmp / "zero2-to-one", tmp / "ddp-to-one"
-    r = ok(launch(tmp / "deepspeed_zero2_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={out}",
+    out, reference = tmp / f"{zero}-to-one", ddp_resumed["2-to-1"]
+    r = ok(launch(tmp / f"deepspeed_{zero}_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={out}",
                   f"train.resume={ckpt}", procs=1))
     assert "1 process(es)" in r.stdout
     assert "(resharded from 2 to 1 processes through DeepSpeed's universal checkpoint)" in r.stdout
     assert "RNG: rank 0 continues the saved streams; the streams of rank 1 (gone) are not used" in r.stdout
-    copy = tmp / "zero2" / "checkpoints" / "universal-step-00000005"
+    copy = tmp / zero / "checkpoints" / "universal-step-00000005"
     assert (copy / "COMPLETE.json").is_file() and (copy / "pytorch_model" / "zero").is_dir()
     assert digest(ckpt) == before, "the checkpoint itself is untouched"
-    ok(harness("train", "--config", str(cfg), f"train.output_dir={reference}",
-               f"train.resume={ddp / 'checkpoints' / 'step-00000005'}"))
     assert examples(out) == examples(reference) and sorted(examples(out)) == list(range(6, 11))
-    epoch0 = [i for s in range(1, 6) for i in examples(tmp / "zero2")[s]] + examples(out)[6] + examples(out)[7]
+    epoch0 = [i for s in range(1, 6) for i in examples(tmp / zero)[s]] + examples(out)[6] + examples(out)[7]
     assert sorted(epoch0) == list(range(48)), "the epoch's examples, each once across the resume"
     assert_same_losses(reference, out, range(6, 11))
     assert_same_weights(out / "final", reference / "final")
 
-    converted = (copy / "COMPLETE.json").stat().st_mtime_ns
-    again = tmp / "zero2-to-one-again"
-    ok(launch(tmp / "deepspeed_zero2_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={again}",
-              f"train.resume={ckpt}", procs=1))
-    assert (copy / "COMPLETE.json").stat().st_mtime_ns == converted, "the verified copy is reused"
-    assert losses(again) == losses(out)
 
-    # a reused copy is a file like any other: one that would run code is refused, before anything loads it
+def test_a_universal_copy_is_reused_and_checked_like_any_checkpoint_file(runs):
+    cfg, tmp, _, _ = runs
+    ckpt = tmp / "zero2-own" / "checkpoints" / "step-00000005"  # its own: the copy beside it gets a planted file
+    shutil.copytree(tmp / "zero2" / "checkpoints" / "step-00000005", ckpt)
+    copy = ckpt.parent / "universal-step-00000005"
+    first, again = tmp / "zero2-reuse-1", tmp / "zero2-reuse-2"
+    for out in (first, again):
+        ok(launch(tmp / "deepspeed_zero2_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={out}",
+                  f"train.resume={ckpt}", "train.max_steps=6", procs=1))
+        if out == first:
+            converted = (copy / "COMPLETE.json").stat().st_mtime_ns
+    assert (copy / "COMPLETE.json").stat().st_mtime_ns == converted, "the verified copy is reused"
+    assert losses(again) == losses(first)
+
+    # one that would run code is refused, before anything loads it
     marker = tmp / "planted-ran"
     plant(next((copy / "pytorch_model" / "zero").glob("*/exp_avg.pt")), marker)
     r = launch(tmp / "deepspeed_zero2_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={tmp / 'planted'}",
@@ -126,25 +150,22 @@ def test_zero2_on_2_ranks_resumes_on_1_through_a_universal_copy_as_ddp_does(runs
     assert "converted checkpoint" in r.stderr and "exp_avg.pt" in r.stderr
 
 
-def test_zero3_of_one_process_resumes_on_2_ranks_as_ddp_does(runs):
-    """1 -> 2 under ZeRO-3: a one-process ZeRO-3 checkpoint, resumed on 2 ranks through the universal copy, against
-    a one-process DDP checkpoint of the same run resumed on 2 ranks; rank 1 is new in both."""
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_zero_of_one_process_resumes_on_2_ranks_as_ddp_does(runs, ddp_resumed, zero):
+    """1 -> 2: a one-process ZeRO checkpoint, resumed on 2 ranks through the universal copy, against a one-process
+    DDP checkpoint of the same run resumed on 2 ranks; rank 1 is new in both."""
     cfg, tmp, _, _ = runs
-    zero3_one, ddp_one = tmp / "zero3-one", tmp / "ddp-one"
-    assert "1 process(es)" in ok(launch(tmp / "deepspeed_zero3_fp32.yaml", "train", "--config", str(cfg),
-                                        f"train.output_dir={zero3_one}", procs=1)).stdout
-    ok(harness("train", "--config", str(cfg), f"train.output_dir={ddp_one}"))
-    out, reference = tmp / "zero3-one-to-2", tmp / "ddp-one-to-2"
-    r = ok(launch(tmp / "deepspeed_zero3_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={out}",
-                  f"train.resume={zero3_one / 'checkpoints' / 'step-00000005'}", procs=2))
+    one = tmp / f"{zero}-one"
+    assert "1 process(es)" in ok(launch(tmp / f"deepspeed_{zero}_fp32.yaml", "train", "--config", str(cfg),
+                                        f"train.output_dir={one}", procs=1)).stdout
+    out, reference = tmp / f"{zero}-one-to-2", ddp_resumed["1-to-2"]
+    r = ok(launch(tmp / f"deepspeed_{zero}_fp32.yaml", "train", "--config", str(cfg), f"train.output_dir={out}",
+                  f"train.resume={one / 'checkpoints' / 'step-00000005'}", procs=2))
     assert "2 process(es)" in r.stdout
     assert "(resharded from 1 to 2 processes through DeepSpeed's universal checkpoint)" in r.stdout
-    ok(harness("train", "--config", str(cfg), f"train.output_dir={reference}",
-               f"train.resume={ddp_one / 'checkpoints' / 'step-00000005'}", procs=2))
+    assert "new rank 1 starts from streams seeded by train.seed, the rank and step 5" in r.stdout
     assert examples(out) == examples(reference) and sorted(examples(out)) == list(range(6, 11))
     assert_same_losses(reference, out, range(6, 11))
-    # DeepSpeed's own universal load gives every group one step tensor and the first group's weight decay:
-    # uncorrected, these weights differ from DDP's by up to 2e-4
     assert_same_weights(out / "final", reference / "final")
 
 
