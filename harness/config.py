@@ -84,9 +84,8 @@ class DataConfig:
     truncation: str = "head"
     """`head` keeps the first max_length tokens; `head_tail` keeps the first quarter and the end of long texts
     (Sun et al., 2019: reviews often conclude at the end); `chunks` throws no text away: a long text becomes
-    overlapping windows of max_length, each a training example with the text's label, and evaluate and predict
-    classify a text by the mean of its windows' logits (each text counted once on any number of ranks).
-    Sentence pairs take `head`."""
+    overlapping windows of max_length, trained as train.chunk_loss says, and evaluate and predict classify a text
+    by the mean of its windows' logits (each text counted once on any number of ranks). Sentence pairs take `head`."""
     chunk_overlap: int = 64
     """data.truncation=chunks: tokens each window shares with the one before it."""
     train_samples: Optional[int] = None
