@@ -130,6 +130,7 @@ def resume_family(sharding_words: str | None) -> str:
 
 
 FAMILIES = ("DDP", "FSDP2", "ZeRO-1/2", "ZeRO-3")  # what harness.resume can read and write
+UNIVERSAL = "through DeepSpeed's universal checkpoint"  # how ZeRO changes world size; harness.resume reads it
 
 
 def _on(sharding_words: str | None, world_size: int) -> str:
@@ -151,7 +152,7 @@ def resume_mode(saved_world_size: int, saved_sharding: str | None, world_size: i
     if old == new and saved_world_size == world_size:
         return "same world size"
     if old == new and old in FAMILIES:  # ZeRO partitions go through DeepSpeed's universal layout
-        how = "" if old in ("DDP", "FSDP2") else " through DeepSpeed's universal checkpoint"
+        how = "" if old in ("DDP", "FSDP2") else f" {UNIVERSAL}"
         return f"resharded from {saved_world_size} to {world_size} processes{how}"
     if old in FAMILIES and new in FAMILIES:
         return f"converted from {_on(saved_sharding, saved_world_size)} to {_on(sharding_words, world_size)}"

@@ -33,11 +33,9 @@ from accelerate.utils import set_seed
 
 from harness.checkpoint import Progress, replace_dir, verify, write_manifest
 from harness.consolidate import DEEPSPEED_TAG, SCHEDULER, load_optimizer, load_weights, read_state
-from harness.distributed import failing_rank, resume_family, resume_mode, sharding
+from harness.distributed import UNIVERSAL, failing_rank, resume_family, resume_mode, sharding
 from harness.errors import BadInput, first_line
 from harness.safeload import check_pickles
-
-UNIVERSAL_WORDS = "through DeepSpeed's universal checkpoint"  # distributed.resume_mode's words for that path
 
 
 class Resume:
@@ -79,7 +77,7 @@ class Resume:
         try:
             if self.converted:
                 load_optimizer(self.state, model, optimizer, scheduler, self.zero)
-            elif self.mode.endswith(UNIVERSAL_WORDS):
+            elif self.mode.endswith(UNIVERSAL):
                 load_universal(universal_copy(acc, checkpoint), model, optimizer, scheduler,
                                torch.load(checkpoint / SCHEDULER, weights_only=True))
             else:
